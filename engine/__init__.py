@@ -1,0 +1,1 @@
+"""The engine: config -> objects (`build`), the loop (`loop`), checkpoints, logging, metrics."""

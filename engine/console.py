@@ -1,0 +1,52 @@
+"""What the terminal shows: the config tree, progress bars with ETA, the final summary table."""
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+
+
+def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("model", "data", "optim")) -> None:
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in first if k in cfg] + [k for k in cfg if k not in first]
+    for key in keys:
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            branch = tree.add(f"[bold]{key}")
+            branch.add(OmegaConf.to_yaml(value, resolve=True).rstrip() or "{}")
+        else:
+            tree.add(f"[bold]{key}[/]: {value}")
+    console.print(tree)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def print_summary(title: str, rows: dict) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

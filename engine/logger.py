@@ -1,0 +1,99 @@
+"""The one metrics sink: a W&B run and a local JSON-lines file with the same keys and steps."""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """`log(metrics, step)` writes to <run folder>/metrics.jsonl and, when enabled, to W&B.
+
+    Use as a context manager: on an exception the W&B run is closed and marked failed.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        wandb_init: dict | None = None,
+        resume_id: str | None = None,
+        resume_step: int | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_jsonl(self.jsonl_path, resume_step)
+        # line-buffered, so a kill loses at most the line being written; closed in close()
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115
+        self.wandb_run = None
+        if wandb_init is not None:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                dir=str(self.run_dir),
+                config=config,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                **wandb_init,
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run:
+            self.wandb_run.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        """Values that describe the whole run (best metric, model size): W&B summary + jsonl."""
+        self._jsonl.write(json.dumps({"summary": values}) + "\n")
+        if self.wandb_run:
+            self.wandb_run.summary.update(values)
+
+    def log_checkpoint(self, path: Path, name: str, metadata: dict) -> None:
+        if self.wandb_run is None or not path.is_file():
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
+        # immutable: W&B references the file instead of copying it to its staging folder
+        artifact.add_file(str(path), name=path.name, policy="immutable")
+        self.wandb_run.log_artifact(artifact, aliases=["best", "latest"])
+
+    def close(self, failed: bool = False) -> None:
+        self._jsonl.close()
+        if self.wandb_run:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None)
+        return False
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after `step`, so a resumed run does not repeat them."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break  # the half-written last line of a killed process
+        record = json.loads(line)
+        if "summary" not in record and record["step"] <= step:
+            kept.append(line)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    log.info("metrics.jsonl: kept %d records up to step %d", len(kept), step)

@@ -1,0 +1,283 @@
+"""The training loop: `train_one_epoch`, `evaluate`, and `fit` which alternates them.
+
+Per-step values stay on the device and are read back (a host-device sync) only every
+`log_every` updates and at the end of an epoch.
+"""
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from itertools import islice
+
+import torch
+from torch import nn
+
+from data.loaders import seed_epoch
+from engine.checkpoint import CheckpointSaver
+from engine.console import progress_bar
+from engine.logger import RunLogger
+from engine.metrics import correct_topk
+from engine.rng import get_rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) != "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.device={str(device)!r} but CUDA is not available; use auto or cpu"
+            )
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    scaler,
+    criterion,
+    logger,
+    progress,
+    *,
+    step,
+    device,
+    amp_dtype,
+    channels_last,
+    accum_steps,
+    clip_grad_norm,
+    log_every,
+    num_batches,
+) -> tuple[dict, int]:
+    """One pass over `loader`; returns (epoch metrics, update count after the epoch)."""
+    model.train()
+    task = progress.add_task("train", total=num_batches, metrics="")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)  # over the epoch
+    window_loss, window_batches = torch.zeros((), device=device), 0  # since the last log
+    correct = torch.zeros((), device=device)
+    seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(islice(loader, num_batches)):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        scaler.scale(loss / accum_steps).backward()
+        loss = loss.detach()
+        loss_sum += loss
+        window_loss += loss
+        window_batches += 1
+        correct += (logits.detach().argmax(1) == targets).sum()
+        seen += targets.shape[0]
+
+        if (i + 1) % accum_steps == 0 or i + 1 == num_batches:
+            lr = optimizer.param_groups[0]["lr"]  # the LR this update uses, read before stepping
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if step % log_every == 0:
+                mean_loss = (window_loss / window_batches).item()
+                logger.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
+                progress.update(task, metrics=f"loss {mean_loss:.4f}  lr {lr:.2e}")
+                window_loss.zero_()
+                window_batches = 0
+        progress.advance(task)
+    progress.remove_task(task)
+    batches = i + 1
+    return {"loss": (loss_sum / batches).item(), "acc1": (correct / seen).item() * 100}, step
+
+
+@torch.inference_mode()
+def evaluate(
+    model,
+    loader,
+    criterion,
+    *,
+    device,
+    amp_dtype=None,
+    channels_last=False,
+    num_batches=None,
+    progress=None,
+) -> dict:
+    """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`."""
+    model.eval()
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    task = progress.add_task("val", total=num_batches, metrics="") if progress else None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros(2, device=device)
+    seen = 0
+    for images, targets in islice(loader, num_batches):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets) * targets.shape[0]
+        num_classes = logits.shape[1]
+        correct += correct_topk(logits, targets, (1, min(5, num_classes)))
+        seen += targets.shape[0]
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    acc1, acc5 = (correct / seen * 100).tolist()
+    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5}
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    logger: RunLogger,
+    saver: CheckpointSaver,
+    *,
+    epochs: int,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    channels_last: bool = False,
+    accum_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    label_smoothing: float = 0.0,
+    log_every: int = 10,
+    limit_train_batches: int | None = None,
+    limit_val_batches: int | None = None,
+    resume: dict | None = None,
+) -> dict:
+    """Train for `epochs`, evaluating and checkpointing after each; returns the final metrics.
+
+    `resume` is a loaded checkpoint: training continues after its epoch, with its model,
+    optimizer, scheduler, grad-scaler and RNG states.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={precision!r}; choose one of {list(PRECISIONS)}")
+    if accum_steps < 1:
+        raise ValueError(f"trainer.accum_steps={accum_steps} must be 1 or more")
+    if log_every < 1:
+        raise ValueError(f"trainer.log_every={log_every} must be 1 or more")
+    device = resolve_device(device)
+    amp_dtype = PRECISIONS[precision]
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # fp16 needs loss scaling; for fp32/bf16 the disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss()
+    train_batches = (
+        len(train_loader)
+        if limit_train_batches is None
+        else min(limit_train_batches, len(train_loader))
+    )
+
+    start_epoch, step, best = 0, 0, {"val/acc1": -math.inf, "epoch": None}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
+        log.info("resumed after epoch %d (update %d)", start_epoch, step)
+    scheduler.step_update(num_updates=step)
+
+    metrics: dict = {}
+    with progress_bar() as progress:
+        epoch_task = progress.add_task("epochs", total=epochs, completed=start_epoch, metrics="")
+        for epoch in range(start_epoch, epochs):
+            seed_epoch(train_loader, seed, epoch)
+            t0 = time.perf_counter()
+            train, step = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                criterion,
+                logger,
+                progress,
+                step=step,
+                device=device,
+                amp_dtype=amp_dtype,
+                channels_last=channels_last,
+                accum_steps=accum_steps,
+                clip_grad_norm=clip_grad_norm,
+                log_every=log_every,
+                num_batches=train_batches,
+            )
+            train_s = time.perf_counter() - t0
+            val = evaluate(
+                model,
+                val_loader,
+                eval_criterion,
+                device=device,
+                amp_dtype=amp_dtype,
+                channels_last=channels_last,
+                num_batches=limit_val_batches,
+                progress=progress,
+            )
+            metrics = {
+                "epoch": epoch + 1,
+                **{f"train/{k}": v for k, v in train.items()},
+                **{f"val/{k}": v for k, v in val.items()},
+                "time/epoch_s": time.perf_counter() - t0,
+                "time/train_s": train_s,
+            }
+            logger.log(metrics, step=step)
+            is_best = math.isfinite(val["acc1"]) and val["acc1"] > best["val/acc1"]
+            if is_best:
+                best = {
+                    "val/acc1": val["acc1"],
+                    "val/acc5": val["acc5"],
+                    "val/loss": val["loss"],
+                    "epoch": epoch + 1,
+                }
+            saver.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "best": best,
+                    "metrics": metrics,
+                    "rng": get_rng_state(),
+                },
+                epoch=epoch + 1,
+                is_best=is_best,
+            )
+            log.info(
+                "epoch %d/%d  train loss %.4f  val loss %.4f  acc1 %.2f  acc5 %.2f  (%.1fs)",
+                epoch + 1,
+                epochs,
+                train["loss"],
+                val["loss"],
+                val["acc1"],
+                val["acc5"],
+                metrics["time/epoch_s"],
+            )
+            progress.update(epoch_task, advance=1, metrics=f"val acc1 {val['acc1']:.2f}")
+    logger.summary({f"best/{k}": v for k, v in best.items()})
+    return {**metrics, **{f"best/{k}": v for k, v in best.items()}, "step": step}

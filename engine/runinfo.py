@@ -1,0 +1,59 @@
+"""What makes a run folder describe itself: resolved config, git state, package versions."""
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_state(repo: Path) -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}  # not a git checkout, or git missing
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_run_info(run_dir: Path, config: dict) -> None:
+    """<run folder>/config.yaml (resolved) and run_info.json (git, versions, command, host)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    info = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": [sys.executable, *sys.argv],
+        "host": socket.gethostname(),
+        "git": git_state(Path(__file__).resolve().parent.parent),
+        "versions": versions(),
+    }
+    atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
