@@ -40,8 +40,13 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+            # torch.save turns a failed write (disk full, quota, file size limit) into an
+            # opaque RuntimeError ("unexpected pos ..."); raise the OSError it swallowed
+            cause = err.__context__
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
     _fsync_dir(path.parent)
 

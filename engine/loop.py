@@ -239,7 +239,8 @@ def fit(
             )
             metrics = {
                 "epoch": epoch + 1,
-                **{f"train/{k}": v for k, v in train.items()},
+                # epoch means; train/loss alone is the per-update value logged every log_every
+                **{f"train/epoch_{k}": v for k, v in train.items()},
                 **{f"val/{k}": v for k, v in val.items()},
                 "time/epoch_s": time.perf_counter() - t0,
                 "time/train_s": train_s,

@@ -1,0 +1,1 @@
+"""Analysis tools that rebuild a run through the engine's builders and look at it."""

@@ -1,0 +1,96 @@
+"""Running run.py as a user does, and reading what it left behind."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_PY = REPO / "run.py"
+WANDB = Path(sys.executable).parent / "wandb"
+
+# A few updates on 8x8 digits: enough to exercise every part of the engine in seconds.
+TINY = [
+    "data.dataset.image_size=8",
+    "trainer.limit_train_batches=4",
+    "trainer.log_every=2",
+    "sched.warmup_epochs=0",
+]
+
+
+def clean_env(**extra: str) -> dict:
+    """The environment of a fresh shell: no W&B settings leaking in from the developer's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_py(*overrides: str, cwd: Path, env: dict | None = None, check: bool = True, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, str(RUN_PY), *overrides],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"run.py {' '.join(overrides)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def read_jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir) if "epoch" in r]
+
+
+def summary(run_dir: Path) -> dict:
+    return next(r["summary"] for r in reversed(read_jsonl(run_dir)) if "summary" in r)
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def wandb_records(offline_run: Path) -> list[dict]:
+    """The records of an offline W&B run, as `wandb leet inspect --json` prints them."""
+    out = subprocess.run(
+        [str(WANDB), "leet", "inspect", "--json", str(offline_run)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def records_of(records: list[dict], kind: str) -> list[dict]:
+    return [r[kind] for r in records if r.get("type") == kind]
+
+
+def wandb_history(records: list[dict]) -> dict[int, dict]:
+    """History rows by step (W&B merges every log call made at one step into one row)."""
+    rows: dict[int, dict] = {}
+    for h in records_of(records, "history"):
+        item = h["item"]
+        rows.setdefault(int(item["_step"]), {}).update(item)
+    return rows
+
+
+def wandb_config(records: list[dict]) -> dict:
+    config: dict = {}
+    for run in records_of(records, "run"):
+        config.update(run.get("config", {}).get("update", {}))
+    return config
+
+
+def wandb_run_id(records: list[dict]) -> str:
+    return records_of(records, "run")[0]["run_id"]

@@ -1,0 +1,154 @@
+"""engine/checkpoint.py: which files a run keeps, and that no failure costs the last good one."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from engine import checkpoint
+from engine.checkpoint import CheckpointSaver
+from tests.helpers import REPO, clean_env
+
+METADATA = {"config": {"model": {"name": "tiny"}}, "class_names": ["cat", "dog"]}
+# val/acc1 per epoch: the best epoch (2) is old enough to be pruned by keep_last=2
+ACC1 = {1: 10.0, 2: 40.0, 3: 20.0, 4: 30.0, 5: 35.0}
+
+
+def _state(epoch: int) -> dict:
+    """A training state whose every tensor says which epoch wrote it."""
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.fill_(epoch)
+        layer.bias.fill_(-epoch)
+    return {
+        "model": layer.state_dict(),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "epoch": epoch,
+        "metrics": {"val/acc1": ACC1[epoch]},
+    }
+
+
+def _save_epochs(folder, epochs, keep_last: int) -> CheckpointSaver:
+    saver = CheckpointSaver(folder, keep_last=keep_last, metadata=METADATA)
+    best = -1.0
+    for epoch in epochs:
+        is_best = ACC1[epoch] > best  # as engine.loop.fit decides it
+        best = max(best, ACC1[epoch])
+        saver.save(_state(epoch), epoch=epoch, is_best=is_best)
+    return saver
+
+
+def test_keeps_last_best_and_the_newest_epochs(tmp_path):
+    saver = _save_epochs(tmp_path, range(1, 6), keep_last=2)
+
+    # hidden names included: a leftover .tmp would show here
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    for path in tmp_path.iterdir():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["config"] == METADATA["config"]
+        assert ckpt["class_names"] == METADATA["class_names"]
+        assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
+        assert checkpoint.load(path).keys() == ckpt.keys()
+
+    last = checkpoint.load(tmp_path / "last.pt")
+    assert last["epoch"] == 5
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "epoch_0005.pt")
+    # epoch_0002.pt is gone, but best.pt still holds its bytes
+    best = checkpoint.load(saver.best)
+    assert best["epoch"] == 2 and best["metrics"]["val/acc1"] == max(ACC1.values())
+    torch.testing.assert_close(best["model"]["weight"], torch.full((2, 3), 2.0))
+
+
+FAILED_SAVE = """
+import json, resource, signal, sys
+import torch
+from engine.checkpoint import CheckpointSaver
+
+saver = CheckpointSaver(sys.argv[1], keep_last=2, metadata={"config": {}})
+saver.save({"model": {"w": torch.ones(16)}, "epoch": 1}, epoch=1, is_best=True)
+
+# Ignored, SIGXFSZ no longer kills the process: the write fails with EFBIG, as a full disk
+# fails it with ENOSPC. 64 KB lets the first file (~1 KB) through but not the next (~400 KB).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+try:
+    saver.save({"model": {"w": torch.zeros(100_000)}, "epoch": 2}, epoch=2, is_best=True)
+except OSError as err:
+    print(json.dumps({"errno": err.errno, "message": str(err)}))
+else:
+    sys.exit("saving past RLIMIT_FSIZE succeeded; the test no longer exercises a failed write")
+"""
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    # RLIMIT_FSIZE binds the whole process, so the failing save runs in a process of its own
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILED_SAVE, str(tmp_path)],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    error = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert error["errno"] == errno.EFBIG
+    assert str(tmp_path / "epoch_0002.pt") in error["message"]  # which save failed
+
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch_0001.pt", "last.pt"]
+    for name in ("last.pt", "best.pt"):
+        ckpt = checkpoint.load(tmp_path / name)
+        assert ckpt["epoch"] == 1
+        assert torch.equal(ckpt["model"]["w"], torch.ones(16))
+
+
+def test_find_latest_skips_a_truncated_last_checkpoint(tmp_path):
+    _save_epochs(tmp_path, range(1, 4), keep_last=3)
+    last, newest = tmp_path / "last.pt", tmp_path / "epoch_0003.pt"
+    good = last.read_bytes()
+
+    # a fresh truncated file under the name last.pt: epoch_0003.pt keeps its own bytes
+    last.unlink()
+    last.write_bytes(good[: len(good) // 2])
+    assert checkpoint.find_latest(tmp_path) == newest
+
+    # damaged in place instead: last.pt is a hard link, so the newest epoch file is damaged too
+    last.unlink()
+    os.link(newest, last)
+    with open(last, "r+b") as f:
+        f.truncate(len(good) // 2)
+    assert checkpoint.find_latest(tmp_path) == tmp_path / "epoch_0002.pt"
+
+
+def test_find_latest_of_an_empty_or_missing_folder_is_none(tmp_path):
+    assert checkpoint.find_latest(tmp_path) is None
+    assert checkpoint.find_latest(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda p: torch.save(torch.zeros(3), p), id="plain-tensor"),
+        pytest.param(lambda p: torch.save({"weight": torch.zeros(3)}, p), id="bare-state-dict"),
+        pytest.param(lambda p: p.write_text("not a checkpoint\n"), id="text"),
+        pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+    ],
+)
+def test_load_rejects_what_is_not_a_checkpoint_naming_the_file(tmp_path, write):
+    path = tmp_path / "model.pt"
+    write(path)
+    with pytest.raises(ValueError) as info:
+        checkpoint.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_of_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        checkpoint.load(tmp_path / "nothing.pt")
+    assert str(tmp_path / "nothing.pt") in str(info.value)

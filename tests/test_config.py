@@ -1,0 +1,106 @@
+"""The real conf/ composes, every option's keys bind to its target, and errors name the bad value."""
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+
+from data.loaders import make_loaders
+from engine.checkpoint import CheckpointSaver
+from engine.loop import fit
+from tests.helpers import REPO, RUN_PY, clean_env
+
+CONF = REPO / "conf"
+GROUPS = ["model", "data", "optim", "sched", "trainer", "logger"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def bind(func, keys: dict, late: tuple[str, ...] = ()) -> None:
+    """Fail if `keys` (plus the arguments the engine passes late) do not fit `func`'s signature."""
+    params = inspect.signature(func).parameters
+    unknown = set(keys) - set(params)
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert takes_kwargs or not unknown, f"{func.__qualname__} takes no {sorted(unknown)}"
+    for name in late:
+        assert name in params or takes_kwargs, f"{func.__qualname__} takes no late argument {name}"
+
+
+def target_keys(node) -> tuple[object, dict]:
+    node = OmegaConf.to_container(node, resolve=True)
+    target = get_method(node.pop("_target_"))
+    node.pop("_partial_", None)
+    return target, node
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert list((CONF / group).glob("*.yaml")), group
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_binds_to_its_target(group, option):
+    cfg = composed(f"{group}={option}")
+    node = cfg[group]
+    if group == "model":
+        target, keys = target_keys(node)
+        bind(target, keys, late=("num_classes", "in_chans"))
+    elif group == "data":
+        target, keys = target_keys(node.dataset)
+        bind(target, keys)
+        loader_keys = {k: v for k, v in node.items() if k != "dataset"}
+        bind(make_loaders, loader_keys)
+    elif group == "optim":
+        target, keys = target_keys(node)
+        bind(target, keys, late=("params",))
+    elif group == "sched":
+        target, keys = target_keys(node)
+        bind(target, keys, late=("optimizer", "total_steps", "steps_per_epoch"))
+    elif group == "trainer":
+        bind(fit, OmegaConf.to_container(node))
+    elif group == "logger":
+        import wandb
+
+        if node.wandb is not None:
+            bind(wandb.init, OmegaConf.to_container(node.wandb, resolve=True))
+    bind(CheckpointSaver, OmegaConf.to_container(cfg.checkpoint))
+
+
+def test_wandb_is_offline_by_default_and_follows_wandb_mode(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert composed().logger.wandb.mode == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert composed().logger.wandb.mode == "disabled"
+    assert composed("logger.wandb.mode=online").logger.wandb.mode == "online"
+    assert composed("logger=none").logger.wandb is None
+
+
+def test_cfg_job_prints_the_composed_config_without_training(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(RUN_PY), "model=resnet50", "optim=sgd", "--cfg", "job"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    cfg = OmegaConf.create(out)
+    assert cfg.model.name == "resnet50" and cfg.optim._target_ == "torch.optim.SGD"
+    assert not list(Path(tmp_path).glob("outputs")), "--cfg must not start a run"
+
+
+def test_unknown_model_name_suggests_close_matches():
+    from models.timm_models import create
+
+    with pytest.raises(ValueError, match=r"model.name='resnet_18' is not a timm model.*'resnet18'"):
+        create("resnet_18", num_classes=10)

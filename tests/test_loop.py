@@ -1,0 +1,107 @@
+"""The loop's options do what their names say, on a model small enough to reason about."""
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from data import Splits
+from data.loaders import make_loaders
+from engine.checkpoint import CheckpointSaver
+from engine.logger import RunLogger
+from engine.loop import fit
+from engine.schedules import cosine
+from tests.helpers import TINY, clean_env, read_jsonl, records_of, run_py, wandb_records, wandb_runs
+
+
+def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, **trainer):
+    torch.manual_seed(0)
+    data = Splits(
+        train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+        val=TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))),
+        classes=["a", "b", "c"],
+        in_chans=4,
+    )
+    model = nn.Linear(4, 3)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    train_loader, val_loader = make_loaders(data, batch_size=batch_size)
+    scheduler = cosine(optimizer, total_steps=100, steps_per_epoch=1, warmup_lr=lr)
+    with RunLogger(tmp_path, config={}) as logger:
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            scheduler,
+            logger,
+            CheckpointSaver(tmp_path / "checkpoints", metadata={"config": {}}),
+            epochs=1,
+            device="cpu",
+            log_every=1,
+            limit_train_batches=limit_train_batches,
+            **trainer,
+        )
+    return model, read_jsonl(tmp_path), initial
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    big, _, _ = train(tmp_path / "big", batch_size=16, limit_train_batches=1)
+    accumulated, records, _ = train(
+        tmp_path / "acc", batch_size=8, limit_train_batches=2, accum_steps=2
+    )
+    assert torch.allclose(big.weight, accumulated.weight, atol=1e-6)
+    epoch = next(r for r in records if "epoch" in r)
+    assert epoch["step"] == 1  # two batches, one update
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    clipped, _, before = train(
+        tmp_path, batch_size=16, limit_train_batches=1, lr=1.0, clip_grad_norm=1e-3
+    )
+    change = torch.cat([(clipped.state_dict()[k] - before[k]).flatten() for k in before])
+    assert change.norm() <= 1e-3 * 1.0001  # SGD step = lr * clipped gradient
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    _, records, _ = train(tmp_path, batch_size=16, limit_train_batches=2, precision="bf16")
+    epoch = next(r for r in records if "epoch" in r)
+    assert torch.isfinite(torch.tensor(epoch["train/epoch_loss"]))
+
+
+def test_label_smoothing_raises_the_loss_of_confident_predictions(tmp_path):
+    _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
+    _, smooth, _ = train(
+        tmp_path / "smooth", batch_size=16, limit_train_batches=1, lr=0.0, label_smoothing=0.5
+    )
+    # same weights (lr 0), same batch: only the target distribution differs
+    assert plain[0]["train/loss"] != smooth[0]["train/loss"]
+
+
+def test_crashed_run_closes_its_wandb_run_as_failed(tmp_path):
+    proc = run_py(
+        *TINY,
+        "trainer.precision=fp8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "trainer.precision='fp8'" in proc.stderr
+    (offline_run,) = wandb_runs(tmp_path / "run")
+    assert records_of(wandb_records(offline_run), "exit")[0]["exit_code"] == 1
+
+
+def test_logger_none_and_wandb_mode_disabled_write_no_wandb_run(tmp_path):
+    run_py(
+        *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path
+    )
+    run_py(
+        *TINY,
+        "trainer.epochs=1",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+        env=clean_env(WANDB_MODE="disabled"),
+    )
+    for name in "ab":
+        assert not wandb_runs(tmp_path / name)
+        assert any("val/acc1" in r for r in read_jsonl(tmp_path / name))
