@@ -1,5 +1,6 @@
 """The loop's options do what their names say, on a model small enough to reason about."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -13,15 +14,26 @@ from engine.schedules import cosine
 from tests.helpers import TINY, clean_env, read_jsonl, records_of, run_py, wandb_records, wandb_runs
 
 
-def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, **trainer):
+def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **trainer):
+    """One epoch of a linear model (or, with `images`, a small conv net) on random data."""
     torch.manual_seed(0)
+    shape = (3, 8, 8) if images else (4,)
     data = Splits(
-        train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
-        val=TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))),
+        train=TensorDataset(torch.randn(64, *shape), torch.randint(0, 3, (64,))),
+        val=TensorDataset(torch.randn(16, *shape), torch.randint(0, 3, (16,))),
         classes=["a", "b", "c"],
-        in_chans=4,
+        in_chans=shape[0],
     )
-    model = nn.Linear(4, 3)
+    if images:
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+    else:
+        model = nn.Linear(4, 3)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     train_loader, val_loader = make_loaders(data, batch_size=batch_size)
@@ -62,8 +74,17 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert change.norm() <= 1e-3 * 1.0001  # SGD step = lr * clipped gradient
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path):
-    _, records, _ = train(tmp_path, batch_size=16, limit_train_batches=2, precision="bf16")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"precision": "bf16", "images": True},
+        {"precision": "fp16", "images": True},
+        {"channels_last": True, "images": True},
+    ],
+    ids=["bf16", "fp16", "channels_last"],
+)
+def test_precision_and_memory_format_options_train_on_cpu(tmp_path, options):
+    _, records, _ = train(tmp_path, batch_size=16, limit_train_batches=2, **options)
     epoch = next(r for r in records if "epoch" in r)
     assert torch.isfinite(torch.tensor(epoch["train/epoch_loss"]))
 
