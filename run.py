@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> float:
             logger,
             saver,
             seed=cfg.seed,
+            num_classes=len(splits.classes),
             resume=resume,
             **cfg.trainer,
         )

@@ -11,6 +11,9 @@ from contextlib import nullcontext
 from itertools import islice
 
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from data.loaders import seed_epoch
@@ -40,6 +43,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+def _finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -62,8 +69,14 @@ def train_one_epoch(
     clip_grad_norm,
     log_every,
     num_batches,
+    mixup=None,
+    ema=None,
 ) -> tuple[dict, int]:
-    """One pass over `loader`; returns (epoch metrics, update count after the epoch)."""
+    """One pass over `loader`; returns (epoch metrics, update count after the epoch).
+
+    `mixup` (timm's Mixup) turns a batch's targets into soft targets; `ema` (timm's ModelEmaV3)
+    follows the weights after every update.
+    """
     model.train()
     task = progress.add_task("train", total=num_batches, metrics="")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -75,6 +88,8 @@ def train_one_epoch(
     for i, (images, targets) in enumerate(islice(loader, num_batches)):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
         with _autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, targets)
@@ -83,7 +98,8 @@ def train_one_epoch(
         loss_sum += loss
         window_loss += loss
         window_batches += 1
-        correct += (logits.detach().argmax(1) == targets).sum()
+        hard_targets = targets.argmax(1) if targets.ndim == 2 else targets  # soft after mixup
+        correct += (logits.detach().argmax(1) == hard_targets).sum()
         seen += targets.shape[0]
 
         if (i + 1) % accum_steps == 0 or i + 1 == num_batches:
@@ -96,6 +112,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(model, step=step)
             if step % log_every == 0:
                 mean_loss = (window_loss / window_batches).item()
                 logger.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
@@ -165,12 +183,21 @@ def fit(
     log_every: int = 10,
     limit_train_batches: int | None = None,
     limit_val_batches: int | None = None,
+    ema_decay: float | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    mixup_prob: float = 1.0,
+    mixup_switch_prob: float = 0.5,
+    num_classes: int | None = None,
     resume: dict | None = None,
 ) -> dict:
     """Train for `epochs`, evaluating and checkpointing after each; returns the final metrics.
 
+    `ema_decay` keeps an exponential moving average of the weights (timm's ModelEmaV3), evaluated
+    beside the model each epoch; "best" is the better of the two. `mixup_alpha` / `cutmix_alpha`
+    > 0 mix batches (timm's Mixup, soft targets; label smoothing then happens inside it).
     `resume` is a loaded checkpoint: training continues after its epoch, with its model,
-    optimizer, scheduler, grad-scaler and RNG states.
+    optimizer, scheduler, grad-scaler, EMA and RNG states.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r}; choose one of {list(PRECISIONS)}")
@@ -185,6 +212,25 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
+    mixup = None
+    if mixup_alpha > 0 or cutmix_alpha > 0:
+        if num_classes is None:
+            raise ValueError("mixup / cutmix need num_classes for their soft targets")
+        if train_loader.batch_size % 2:
+            raise ValueError(
+                f"mixup / cutmix mix a batch with its mirror and need an even batch size; "
+                f"data.batch_size={train_loader.batch_size}"
+            )
+        mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=mixup_prob,
+            switch_prob=mixup_switch_prob,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
+        criterion = SoftTargetCrossEntropy()
+    ema = ModelEmaV3(model, decay=ema_decay) if ema_decay is not None else None
     train_batches = (
         len(train_loader)
         if limit_train_batches is None
@@ -197,6 +243,8 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"] if "ema" in resume else resume["model"])
         set_rng_state(resume["rng"])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         log.info("resumed after epoch %d (update %d)", start_epoch, step)
@@ -225,34 +273,45 @@ def fit(
                 clip_grad_norm=clip_grad_norm,
                 log_every=log_every,
                 num_batches=train_batches,
+                mixup=mixup,
+                ema=ema,
             )
             train_s = time.perf_counter() - t0
-            val = evaluate(
-                model,
-                val_loader,
-                eval_criterion,
-                device=device,
-                amp_dtype=amp_dtype,
-                channels_last=channels_last,
-                num_batches=limit_val_batches,
-                progress=progress,
-            )
+            evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
+            vals = {
+                name: evaluate(
+                    m,
+                    val_loader,
+                    eval_criterion,
+                    device=device,
+                    amp_dtype=amp_dtype,
+                    channels_last=channels_last,
+                    num_batches=limit_val_batches,
+                    progress=progress,
+                )
+                for name, m in evaluated.items()
+            }
+            val = vals["model"]
             metrics = {
                 "epoch": epoch + 1,
                 # epoch means; train/loss alone is the per-update value logged every log_every
                 **{f"train/epoch_{k}": v for k, v in train.items()},
                 **{f"val/{k}": v for k, v in val.items()},
+                **{f"val_ema/{k}": v for k, v in vals.get("ema", {}).items()},
                 "time/epoch_s": time.perf_counter() - t0,
                 "time/train_s": train_s,
             }
             logger.log(metrics, step=step)
-            is_best = math.isfinite(val["acc1"]) and val["acc1"] > best["val/acc1"]
+            # the better of model and EMA; a NaN accuracy never wins
+            source, top = max(vals.items(), key=lambda kv: _finite_or(kv[1]["acc1"], -math.inf))
+            is_best = math.isfinite(top["acc1"]) and top["acc1"] > best["val/acc1"]
             if is_best:
                 best = {
-                    "val/acc1": val["acc1"],
-                    "val/acc5": val["acc5"],
-                    "val/loss": val["loss"],
+                    "val/acc1": top["acc1"],
+                    "val/acc5": top["acc5"],
+                    "val/loss": top["loss"],
                     "epoch": epoch + 1,
+                    "source": source,
                 }
             saver.save(
                 {
@@ -260,6 +319,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
+                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
                     "epoch": epoch + 1,
                     "step": step,
                     "best": best,

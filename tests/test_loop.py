@@ -49,6 +49,7 @@ def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **
             CheckpointSaver(tmp_path / "checkpoints", metadata={"config": {}}),
             epochs=1,
             device="cpu",
+            num_classes=3,
             log_every=1,
             limit_train_batches=limit_train_batches,
             **trainer,
@@ -126,3 +127,27 @@ def test_logger_none_and_wandb_mode_disabled_write_no_wandb_run(tmp_path):
     for name in "ab":
         assert not wandb_runs(tmp_path / name)
         assert any("val/acc1" in r for r in read_jsonl(tmp_path / name))
+
+
+def test_ema_is_evaluated_beside_the_model_and_best_takes_the_better(tmp_path):
+    model, records, _ = train(tmp_path, batch_size=8, limit_train_batches=4, ema_decay=0.5)
+    epoch = next(r for r in records if "epoch" in r)
+    assert {"val_ema/acc1", "val_ema/acc5", "val_ema/loss"} <= epoch.keys()
+    best = next(r["summary"] for r in records if "summary" in r)
+    assert best["best/val/acc1"] == max(epoch["val/acc1"], epoch["val_ema/acc1"])
+    assert best["best/source"] in {"model", "ema"}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    # decay 0.5 over 4 updates: the average lags the weights
+    assert not torch.equal(ckpt["ema"]["weight"], ckpt["model"]["weight"])
+    assert torch.equal(ckpt["model"]["weight"], model.weight.detach())
+
+
+def test_mixup_trains_on_soft_targets(tmp_path):
+    _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
+    _, mixed, _ = train(
+        tmp_path / "mixed", batch_size=16, limit_train_batches=1, lr=0.0, mixup_alpha=1.0
+    )
+    # same weights (lr 0) and batch: only the mixing changes the loss
+    assert plain[0]["train/loss"] != mixed[0]["train/loss"]
+    with pytest.raises(ValueError, match="even batch size; data.batch_size=15"):
+        train(tmp_path / "odd", batch_size=15, limit_train_batches=1, mixup_alpha=1.0)
