@@ -1,17 +1,87 @@
-"""Per-image transforms for datasets of small PIL images (CIFAR-style)."""
+"""Per-image transforms: timm's train/eval pipelines for photos, a light one for small images."""
 
+from collections.abc import Callable, Sequence
+
+from timm.data import create_transform
 from torchvision import transforms as T
+
+from data.images import to_rgb
+
+# timm's policy names are passed through; this one is torchvision's (timm has no TrivialAugment)
+TRIVIAL_AUGMENT = "trivialaugment"
+
+
+def image_transforms(
+    input_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    auto_augment: str | None = None,
+    color_jitter: float | Sequence[float] | None = 0.4,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of PIL images, from timm's `create_transform` (same arguments).
+
+    train: random-resized crop (`scale`, `ratio`) to `input_size`, flips, then `auto_augment`
+    (RandAugment 'rand-m9-mstd0.5-inc1', AutoAugment 'original' / 'v0', AugMix 'augmix-m5-w4-d2',
+    or 'trivialaugment') or, without one, colour jitter; normalise; random erasing (`re_prob`).
+    eval: resize the short side to input_size / crop_pct, center-crop `input_size`, normalise.
+    Both convert to RGB first.
+    """
+    size = tuple(input_size) if isinstance(input_size, Sequence) else int(input_size)
+    common = {"interpolation": interpolation, "mean": tuple(mean), "std": tuple(std)}
+    trivial = auto_augment is not None and auto_augment.lower() == TRIVIAL_AUGMENT
+    train = create_transform(
+        size,
+        is_training=True,
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        hflip=hflip,
+        vflip=vflip,
+        auto_augment=None if trivial else auto_augment,
+        color_jitter=color_jitter,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        separate=trivial,
+        **common,
+    )
+    if trivial:
+        # timm's slots: crop + flips | augmentation | to-tensor, normalise, erase. TrivialAugment
+        # replaces the colour jitter, as timm's own policies do.
+        crop_flip, _, finish = train
+        mode = "bilinear" if interpolation == "random" else interpolation
+        wide = T.TrivialAugmentWide(interpolation=T.InterpolationMode(mode))
+        train = T.Compose([*crop_flip.transforms, wide, *finish.transforms])
+    evaluate = create_transform(size, is_training=False, crop_pct=crop_pct, **common)
+    return T.Compose([to_rgb, train]), T.Compose([to_rgb, evaluate])
 
 
 def small_image_transforms(
-    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], train: bool, augment: bool
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    train: bool,
+    augment: bool,
+    native_size: int = 32,
+    hflip: bool = True,
 ) -> T.Compose:
-    """Resize when needed; for training with `augment`: random crop with 1/8 padding and flip."""
+    """Resize when needed; for training with `augment`: random crop with 1/8 padding and, with
+    `hflip`, a horizontal flip. For CIFAR (32 px) and MNIST (28 px) style images."""
     steps: list = []
     if train and augment:
-        steps += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+        steps.append(T.RandomCrop(image_size, padding=image_size // 8))
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if image_size != 32:
-        # CIFAR images are 32x32; resizing first keeps the crop padding in the target's scale
+    if image_size != native_size:
+        # resizing first keeps the crop padding in the target's scale
         steps.insert(0, T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC))
     return T.Compose(steps)

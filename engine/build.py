@@ -5,22 +5,41 @@ Everything below hands plain keyword arguments or built objects to models/, data
 
 import logging
 import math
+import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data import Splits
+from data.kfold import kfold
 from data.loaders import make_loaders
+from data.transforms import image_transforms
 from engine import checkpoint
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
+from models.timm_models import preprocessing
 
 log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, *args, **kwargs):
+    """hydra.utils.instantiate, raising our builders' own errors as they were written.
+
+    models/, data/ and engine/ name the bad key and its fix; Hydra's wrapper would print that
+    message as a repr with escaped quotes inside its own.
+    """
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError | RuntimeError | OSError):
+            raise err.__cause__ from None
+        raise
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -94,19 +113,34 @@ def _apply_overrides(saved: DictConfig, overrides: list[str]) -> None:
 
 
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
-    splits: Splits = instantiate(cfg.data.dataset)
-    loader_kwargs = {k: v for k, v in cfg.data.items() if k != "dataset"}
+    late = {}
+    if cfg.data.get("transform") is not None:
+        # the model's input size, mean, std, interpolation and crop_pct where data.transform
+        # leaves them null; datasets without a transform key keep their own preprocessing
+        keys = OmegaConf.to_container(cfg.data.transform, resolve=True)
+        model = preprocessing(cfg.model.name, img_size=cfg.model.get("img_size"))
+        keys.update({k: v for k, v in model.items() if keys.get(k) is None})
+        late["train_transform"], late["eval_transform"] = image_transforms(**keys)
+    splits: Splits = build(cfg.data.dataset, **late)
+    if cfg.data.get("fold") is not None:
+        splits = kfold(
+            splits, fold=cfg.data.fold, num_folds=cfg.data.num_folds, fold_seed=cfg.data.fold_seed
+        )
+    not_loader = ("dataset", "transform", "fold", "num_folds", "fold_seed")
+    loader_kwargs = {k: v for k, v in cfg.data.items() if k not in not_loader}
     train_loader, val_loader = make_loaders(splits, **loader_kwargs)
     return splits, train_loader, val_loader
 
 
 def build_model(cfg: DictConfig, splits: Splits) -> nn.Module:
-    return instantiate(cfg.model, num_classes=len(splits.classes), in_chans=splits.in_chans)
+    return build(cfg.model, num_classes=len(splits.classes), in_chans=splits.in_chans)
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return instantiate(cfg.optim)(params)
+    # the batch one update sees: per-process batch x accumulation x processes
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_batch_size = cfg.data.batch_size * cfg.trainer.accum_steps * world_size
+    return build(cfg.optim)(model, global_batch_size=global_batch_size)
 
 
 def updates_per_epoch(cfg: DictConfig, train_loader) -> int:
@@ -118,7 +152,7 @@ def updates_per_epoch(cfg: DictConfig, train_loader) -> int:
 
 def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
     total = steps_per_epoch * cfg.trainer.epochs
-    return instantiate(cfg.sched)(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch)
+    return build(cfg.sched)(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, resume: dict | None) -> RunLogger:

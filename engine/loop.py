@@ -103,7 +103,9 @@ def train_one_epoch(
         seen += targets.shape[0]
 
         if (i + 1) % accum_steps == 0 or i + 1 == num_batches:
-            lr = optimizer.param_groups[0]["lr"]  # the LR this update uses, read before stepping
+            # the base LR this update uses (read before stepping): groups may carry an lr_scale
+            group = optimizer.param_groups[0]
+            lr = group["lr"] / (group.get("lr_scale") or 1.0)
             if clip_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)

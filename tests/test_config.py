@@ -6,18 +6,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm.optim
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
+from data.kfold import kfold
 from data.loaders import make_loaders
+from data.transforms import image_transforms
 from engine.checkpoint import CheckpointSaver
 from engine.loop import fit
+from models.timm_models import preprocessing
 from tests.helpers import REPO, RUN_PY, clean_env
 
 CONF = REPO / "conf"
 GROUPS = ["model", "data", "optim", "sched", "trainer", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+FOLD_KEYS = ("fold", "num_folds", "fold_seed")  # conf/config.yaml, for every dataset
 
 
 def composed(*overrides: str):
@@ -50,18 +56,47 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_binds_to_its_target(group, option):
     cfg = composed(f"{group}={option}")
+    check_group(cfg, group)
+    bind(CheckpointSaver, OmegaConf.to_container(cfg.checkpoint))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_every_group_binds(name):
+    cfg = composed(f"experiment={name}")
+    for group in GROUPS:
+        check_group(cfg, group)
+
+
+def check_group(cfg, group: str) -> None:
+    """Bind the keys of `cfg`'s `group` to the function(s) the engine hands them to."""
     node = cfg[group]
     if group == "model":
         target, keys = target_keys(node)
         bind(target, keys, late=("num_classes", "in_chans"))
     elif group == "data":
         target, keys = target_keys(node.dataset)
-        bind(target, keys)
-        loader_keys = {k: v for k, v in node.items() if k != "dataset"}
+        if "transform" in node:
+            # data.transform (null: the dataset's own pipeline) builds the model's pipeline,
+            # which reaches the builder late; the model fills the keys left null
+            bind(target, keys, late=("train_transform", "eval_transform"))
+            model_keys = dict.fromkeys(preprocessing(cfg.model.name))
+            transform = {} if node.transform is None else OmegaConf.to_container(node.transform)
+            bind(image_transforms, {**model_keys, **transform})
+        else:
+            bind(target, keys)
+        fold_keys = {k: node[k] for k in FOLD_KEYS}
+        bind(kfold, fold_keys, late=("splits",))
+        loader_keys = {
+            k: v for k, v in node.items() if k not in ("dataset", "transform", *FOLD_KEYS)
+        }
         bind(make_loaders, loader_keys)
     elif group == "optim":
         target, keys = target_keys(node)
-        bind(target, keys, late=("params",))
+        bind(target, keys, late=("model", "global_batch_size"))
+        # the builder passes the keys it does not name on to the optimizer class: bind those too
+        named = inspect.signature(target).parameters
+        opt_keys = {k: v for k, v in keys.items() if k not in named}
+        bind(timm.optim.get_optimizer_class(keys["opt"], bind_defaults=False), opt_keys)
     elif group == "sched":
         target, keys = target_keys(node)
         bind(target, keys, late=("optimizer", "total_steps", "steps_per_epoch"))
@@ -72,7 +107,6 @@ def test_option_composes_and_binds_to_its_target(group, option):
 
         if node.wandb is not None:
             bind(wandb.init, OmegaConf.to_container(node.wandb, resolve=True))
-    bind(CheckpointSaver, OmegaConf.to_container(cfg.checkpoint))
 
 
 def test_wandb_is_offline_by_default_and_follows_wandb_mode(monkeypatch):
@@ -95,7 +129,7 @@ def test_cfg_job_prints_the_composed_config_without_training(tmp_path):
         timeout=120,
     ).stdout
     cfg = OmegaConf.create(out)
-    assert cfg.model.name == "resnet50" and cfg.optim._target_ == "torch.optim.SGD"
+    assert cfg.model.name == "resnet50" and cfg.optim.opt == "sgd"
     assert not list(Path(tmp_path).glob("outputs")), "--cfg must not start a run"
 
 

@@ -149,5 +149,5 @@ def test_mixup_trains_on_soft_targets(tmp_path):
     )
     # same weights (lr 0) and batch: only the mixing changes the loss
     assert plain[0]["train/loss"] != mixed[0]["train/loss"]
-    with pytest.raises(ValueError, match="even batch size; data.batch_size=15"):
+    with pytest.raises(ValueError, match=r"even batch size; data\.batch_size=15"):
         train(tmp_path / "odd", batch_size=15, limit_train_batches=1, mixup_alpha=1.0)

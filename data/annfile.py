@@ -1,0 +1,127 @@
+"""Images listed in annotation files, as MMClassification's CustomDataset reads them.
+
+An annotation file holds one `relative/path.jpg label` line per image: the path relative to the
+data root, the label an integer index into the class list. Blank lines and lines starting with
+`#` are skipped; a path may contain spaces (the label is the last field).
+"""
+
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from data.images import ImageFiles
+from data.splits import Splits, stratified_split
+
+
+def annfile(
+    root: str,
+    train_ann: str = "train.txt",
+    val_ann: str | None = "val.txt",
+    classes: str | Sequence[str] = "classes.txt",
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    *,
+    train_transform: Callable,
+    eval_transform: Callable,
+) -> Splits:
+    """Images under `root` listed in `train_ann` and `val_ann` (paths relative to `root`).
+
+    `classes`: a file with one class name per line (relative to `root`), or the names
+    themselves. `val_ann=None`: a stratified `val_fraction` of `train_ann`, fixed by
+    `split_seed`, is held out for validation.
+    """
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise FileNotFoundError(
+            f"data.dataset.root={root!r} does not exist; point it at the folder that the paths "
+            "in the annotation files are relative to"
+        )
+    names = _class_names(root_path, classes)
+    train = read_annotations(_file(root_path, train_ann, "train_ann"), root_path, names)
+    if val_ann is None:
+        train_idx, val_idx = stratified_split(
+            [label for _, label in train], val_fraction, split_seed, names
+        )
+        train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+    else:
+        val = read_annotations(_file(root_path, val_ann, "val_ann"), root_path, names)
+    return Splits(
+        train=ImageFiles(train, train_transform),
+        val=ImageFiles(val, eval_transform),
+        classes=names,
+        in_chans=3,
+        train_eval=ImageFiles(train, eval_transform),
+    )
+
+
+def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(image path, label) of every line of annotation file `path`; errors name file and line."""
+    samples, missing = [], []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}, line {number} ({line!r})"
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2:
+            raise ValueError(f"{where}: expected '<relative/path.jpg> <label>'")
+        relative, label_text = fields
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(
+                f"{where}: label {label_text!r} is not an integer; labels are indices into "
+                f"the class list (0..{len(classes) - 1})"
+            ) from None
+        if not 0 <= label < len(classes):
+            raise ValueError(
+                f"{where}: unknown label {label}; the class list has {len(classes)} classes, "
+                f"so labels run 0..{len(classes) - 1}. Fix the label or add the class to the "
+                "class list (data.dataset.classes)"
+            )
+        normal = os.path.normpath(relative)
+        if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
+            raise ValueError(
+                f"{where}: {relative!r} leaves the data root {root}; paths must be relative "
+                "to data.dataset.root and stay inside it (no leading '/' or '../')"
+            )
+        image = root / normal
+        if not image.is_file():
+            missing.append(str(image))
+        samples.append((str(image), label))
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise FileNotFoundError(
+            f"{path} lists {len(missing)} images that do not exist: {shown}. Check "
+            "data.dataset.root, which the paths are relative to"
+        )
+    if not samples:
+        raise ValueError(f"{path} lists no images; expected '<relative/path.jpg> <label>' lines")
+    return samples
+
+
+def _class_names(root: Path, classes: str | Sequence[str]) -> list[str]:
+    if isinstance(classes, str):
+        path = _file(root, classes, "classes")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(name) for name in classes]
+    if not names:
+        raise ValueError("data.dataset.classes is empty; list one class name per line")
+    duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"data.dataset.classes names {duplicates} more than once")
+    return names
+
+
+def _file(root: Path, name: str, key: str) -> Path:
+    path = root / Path(name).expanduser()  # an absolute `name` stays as it is
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data.dataset.{key}={name!r}: {path} does not exist; give a file relative to "
+            f"data.dataset.root ({root}) or an absolute path"
+        )
+    return path
