@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     # imported here so that --help and --cfg answer without loading torch
+    from analysis.flops import model_complexity
     from engine import build
     from engine.console import print_config_tree, print_summary
     from engine.loop import fit, resolve_device
@@ -31,6 +32,8 @@ def main(cfg: DictConfig) -> float:
 
     with build.build_logger(cfg, run_dir, resume) as logger:
         saver = build.build_saver(cfg, run_dir, splits.classes, logger.run_id)
+        size = model_complexity(model, tuple(splits.val[0][0].shape))  # one image, as loaded
+        logger.summary({"model/params_m": size["params"] / 1e6, "model/gmacs": size["macs"] / 1e9})
         result = fit(
             model,
             train_loader,

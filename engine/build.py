@@ -133,7 +133,19 @@ def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
 
 
 def build_model(cfg: DictConfig, splits: Splits) -> nn.Module:
-    return build(cfg.model, num_classes=len(splits.classes), in_chans=splits.in_chans)
+    return build_model_for(cfg, num_classes=len(splits.classes), in_chans=splits.in_chans)
+
+
+def build_model_for(
+    cfg: DictConfig, *, num_classes: int, in_chans: int, load_weights: bool = True
+) -> nn.Module:
+    """cfg's model for a class and channel count given without loading the dataset (analysis).
+
+    load_weights=False builds the architecture only (model.pretrained and model.weights off):
+    for tools that look at shapes, which weights do not change, and that must work offline.
+    """
+    late = {} if load_weights else {"pretrained": False, "weights": None}
+    return build(cfg.model, num_classes=num_classes, in_chans=in_chans, **late)
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module):

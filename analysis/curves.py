@@ -1,0 +1,400 @@
+"""Training curves of one or more runs on one figure, and their training-time statistics.
+
+Runs whose configs differ only in `seed` are drawn as one line (the mean) with a band (min-max
+or +-std). A run is read from its run folder's metrics.jsonl, from a W&B offline run folder
+(`<run>/wandb/offline-run-*`, through `wandb leet inspect --json`) or, online, from a W&B run
+path `entity/project/run_id`.
+
+    python analysis/curves.py                                  # newest run under outputs/
+    python analysis/curves.py multirun/2026-11-22/10-00-00-000000 --label optim.lr
+    python analysis/curves.py RUN_A RUN_B --keys train/loss val/acc1 val/loss --out fig.png
+"""
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+DEFAULT_KEYS = ("train/loss", "val/acc1")
+# config keys that differ between runs without making them different experiments
+IGNORED_CONFIG_KEYS = ("seed", "hydra", "resume")
+PANEL_SIZE_IN = (4.5, 3.4)  # width, height of one subplot, inches
+DPI = 200
+AXIS_LABELS = {
+    "train/loss": "train loss",
+    "train/lr": "learning rate",
+    "val/loss": "validation loss",
+    "val/acc1": "validation top-1 (%)",
+    "val/acc5": "validation top-5 (%)",
+    "time/epoch_s": "epoch time (s)",
+    "time/train_s": "training time per epoch (s)",
+}
+WANDB_RUN_PATH = re.compile(r"^[\w.-]+/[\w.-]+/\w+$")
+
+
+@dataclass
+class Run:
+    name: str
+    source: str  # where it was read from: a metrics.jsonl, an offline W&B folder or a W&B path
+    config: dict
+    rows: dict[int, dict] = field(default_factory=dict)  # step -> metrics logged at that step
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        steps = [s for s in sorted(self.rows) if key in self.rows[s]]
+        return steps, [float(self.rows[s][key]) for s in steps]
+
+    def epoch_rows(self) -> list[dict]:
+        return [{"step": s, **r} for s, r in sorted(self.rows.items()) if "epoch" in r]
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _merge(rows: dict[int, dict], step: int, metrics: dict) -> None:
+    # one row per step, the last value of a key winning: what W&B does with its history
+    rows.setdefault(int(step), {}).update(metrics)
+
+
+def read_jsonl_run(run_dir: Path) -> Run:
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "summary" not in record:
+            step = record.pop("step")
+            _merge(rows, step, record)
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    return Run(_run_name(run_dir), str(run_dir / "metrics.jsonl"), config or {}, rows)
+
+
+def _wandb_exe() -> str:
+    beside = Path(sys.executable).parent / "wandb"
+    exe = str(beside) if beside.is_file() else shutil.which("wandb")
+    if exe is None:
+        raise FileNotFoundError("the `wandb` command is not installed; pip install wandb")
+    return exe
+
+
+def read_wandb_offline_run(offline_dir: Path) -> Run:
+    """An offline W&B run folder, through `wandb leet inspect --json` (one record per line)."""
+    out = subprocess.run(
+        [_wandb_exe(), "leet", "inspect", "--json", str(offline_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if out.returncode != 0:
+        raise ValueError(f"wandb leet inspect {offline_dir} failed:\n{out.stderr[-2000:]}")
+    rows: dict[int, dict] = {}
+    config: dict = {}
+    for line in out.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if record.get("type") == "history":
+            item = record["history"]["item"]
+            _merge(rows, item["_step"], {k: v for k, v in item.items() if not k.startswith("_")})
+        elif record.get("type") == "run":
+            config.update(record["run"].get("config", {}).get("update", {}))
+    config.pop("_wandb", None)
+    # <run>/wandb/offline-run-*: name it after the run folder
+    name = _run_name(offline_dir.parent.parent) if offline_dir.parent.name == "wandb" else None
+    return Run(name or offline_dir.name, str(offline_dir), config, rows)
+
+
+def read_wandb_online_run(path: str) -> Run:
+    """`entity/project/run_id` through the W&B API (needs network and a login)."""
+    import wandb
+
+    try:
+        api_run = wandb.Api(timeout=30).run(path)
+        history = list(api_run.scan_history())
+    except Exception as e:  # network, auth and not-found errors all come as different types
+        raise ValueError(
+            f"cannot read W&B run {path!r} ({type(e).__name__}: {e}). Offline? Pass the run "
+            "folder or its wandb/offline-run-* folder instead."
+        ) from e
+    rows: dict[int, dict] = {}
+    for item in history:
+        _merge(rows, item["_step"], {k: v for k, v in item.items() if not k.startswith("_")})
+    config = {k: v for k, v in api_run.config.items() if not k.startswith("_")}
+    return Run(api_run.name or path, path, config, rows)
+
+
+def _run_name(run_dir: Path) -> str:
+    # multirun jobs are folders 0, 1, ...: name them with their sweep folder
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+
+
+def _job_dirs(folder: Path) -> list[Path]:
+    jobs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted((j for j in jobs if (j / "metrics.jsonl").is_file()), key=lambda p: int(p.name))
+
+
+def latest_run(root: Path = Path("outputs")) -> Path:
+    found = list(root.rglob("metrics.jsonl")) if root.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no run given and no run (a folder with metrics.jsonl) under {root.resolve()}/; "
+            "train one with `python run.py` or pass run folders"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
+def load_runs(sources: list[str | Path]) -> list[Run]:
+    """Runs from run folders, multirun folders (their numbered jobs), offline W&B run folders
+    and W&B run paths `entity/project/run_id`."""
+    runs = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            if (path / "metrics.jsonl").is_file():
+                runs.append(read_jsonl_run(path))
+            elif list(path.glob("*.wandb")):
+                runs.append(read_wandb_offline_run(path))
+            elif jobs := _job_dirs(path):
+                runs.extend(read_jsonl_run(j) for j in jobs)
+            else:
+                raise FileNotFoundError(
+                    f"{path} is neither a run folder (metrics.jsonl), a multirun folder "
+                    "(numbered job folders) nor a W&B offline run folder (*.wandb)"
+                )
+        elif not path.exists() and WANDB_RUN_PATH.match(str(source)):
+            runs.append(read_wandb_online_run(str(source)))
+        else:
+            raise FileNotFoundError(f"no run folder at {path}")
+    return runs
+
+
+# ---------------------------------------------------------------- grouping and statistics
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def config_value(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"--label {dotted!r}: no such key in the run's config")
+        value = value[part]
+    return value
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs whose configs are equal once `seed` (and per-run keys) are removed, in first-seen
+    order; a run without a config is a group of its own."""
+    groups: dict[str, list[Run]] = {}
+    for i, run in enumerate(runs):
+        if run.config:
+            kept = {k: v for k, v in run.config.items() if k not in IGNORED_CONFIG_KEYS}
+            key = json.dumps(kept, sort_keys=True, default=str)
+        else:
+            key = f"#{i}"
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def group_labels(groups: list[list[Run]], label_key: str | None = None) -> list[str]:
+    if label_key:
+        return [f"{label_key}={config_value(g[0].config, label_key)}" for g in groups]
+    # otherwise the config values that tell the groups apart, if few; else the run names
+    flats = [_flatten({k: v for k, v in g[0].config.items() if k != "seed"}) for g in groups]
+    keys = sorted({k for f in flats for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
+    if len(groups) > 1 and all(flats) and 0 < len(differing) <= 3:
+        return [", ".join(f"{k}={f.get(k)}" for k in differing) for f in flats]
+    return [", ".join(r.name for r in g) for g in groups]
+
+
+def band(runs: list[Run], key: str, kind: str = "minmax"):
+    """(steps, mean, low, high) over the steps all runs logged `key` at."""
+    import numpy as np
+
+    per_run = [dict(zip(*r.series(key), strict=True)) for r in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_run)))
+    values = np.array([[s[step] for step in steps] for s in per_run], dtype=float)
+    mean = values.mean(0) if steps else np.array([])
+    if kind == "std":
+        std = values.std(0) if steps else np.array([])
+        return steps, mean, mean - std, mean + std
+    if kind != "minmax":
+        raise ValueError(f"band={kind!r}; choose minmax or std")
+    return steps, mean, values.min(0) if steps else mean, values.max(0) if steps else mean
+
+
+def time_stats(run: Run) -> dict:
+    """Slowest and fastest epoch (time/epoch_s) and the mean seconds per update of one run.
+
+    Updates in an epoch are the step difference to the previous epoch's record (to 0 for
+    epoch 1); time/train_s / updates is that epoch's time per update.
+    """
+    epochs = [r for r in run.epoch_rows() if "time/epoch_s" in r]
+    if not epochs:
+        return {"run": run.name, "epochs": 0}
+    slowest = max(epochs, key=lambda r: r["time/epoch_s"])
+    fastest = min(epochs, key=lambda r: r["time/epoch_s"])
+    per_update = []
+    previous = {int(r["epoch"]): r["step"] for r in epochs}
+    for r in epochs:
+        before = 0 if r["epoch"] == 1 else previous.get(int(r["epoch"]) - 1)
+        if before is not None and r["step"] > before and "time/train_s" in r:
+            per_update.append(r["time/train_s"] / (r["step"] - before))
+    return {
+        "run": run.name,
+        "epochs": len(epochs),
+        "slowest_epoch": int(slowest["epoch"]),
+        "slowest_s": slowest["time/epoch_s"],
+        "fastest_epoch": int(fastest["epoch"]),
+        "fastest_s": fastest["time/epoch_s"],
+        "s_per_update": sum(per_update) / len(per_update) if per_update else math.nan,
+    }
+
+
+def time_table(runs: list[Run]):
+    from rich.table import Table
+
+    table = Table(title="training time")
+    for column in ("run", "epochs", "slowest epoch", "fastest epoch", "mean per update"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for stats in map(time_stats, runs):
+        if not stats["epochs"]:
+            table.add_row(stats["run"], "0", "-", "-", "-")
+            continue
+        table.add_row(
+            stats["run"],
+            str(stats["epochs"]),
+            f"#{stats['slowest_epoch']}  {stats['slowest_s']:.2f} s",
+            f"#{stats['fastest_epoch']}  {stats['fastest_s']:.2f} s",
+            f"{stats['s_per_update'] * 1000:.1f} ms",
+        )
+    return table
+
+
+# ---------------------------------------------------------------- the figure
+
+
+def plot_curves(
+    runs: list[Run],
+    keys: tuple[str, ...] | list[str] = DEFAULT_KEYS,
+    out: Path | str = "curves.png",
+    label: str | None = None,
+    band_kind: str = "minmax",
+) -> Path:
+    """One subplot per metric key, one line per group of runs (mean and band over seeds);
+    writes a PNG of len(keys) x PANEL_SIZE_IN inches at DPI and returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, keys, label, band_kind)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def figure(runs: list[Run], keys=DEFAULT_KEYS, label: str | None = None, band_kind="minmax"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        raise ValueError("no runs to plot")
+    groups = group_runs(runs)
+    labels = group_labels(groups, label)
+    band_name = "min-max" if band_kind == "minmax" else "±1 std"
+    width, height = PANEL_SIZE_IN
+    fig, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), height), dpi=DPI)
+    axes = [axes] if len(keys) == 1 else list(axes)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes, keys, strict=True):
+        for i, (group, name) in enumerate(zip(groups, labels, strict=True)):
+            color = colors[i % len(colors)]
+            marker = "o" if key != "train/loss" else None  # per-epoch values: mark each point
+            if len(group) == 1:
+                steps, values = group[0].series(key)
+                ax.plot(steps, values, color=color, marker=marker, ms=3, lw=1.5, label=name)
+            else:
+                steps, mean, low, high = band(group, key, band_kind)
+                ax.plot(
+                    steps,
+                    mean,
+                    color=color,
+                    marker=marker,
+                    ms=3,
+                    lw=1.5,
+                    label=f"{name} (mean of {len(group)} seeds, {band_name})",
+                )
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+        ax.set_xlabel("update step")
+        ax.set_ylabel(AXIS_LABELS.get(key, key))
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
+    axes[0].legend(fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _default_out(runs: list[Run], sources: list[str]) -> Path:
+    first = Path(sources[0])
+    if first.is_dir() and not (first / "metrics.jsonl").is_file() and _job_dirs(first):
+        return first / "curves.png"  # a multirun folder: beside its jobs
+    source = Path(runs[0].source)
+    folder = source.parent if source.name == "metrics.jsonl" else source
+    return folder / "curves.png" if folder.exists() else Path("curves.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        help="run folders, multirun folders, wandb/offline-run-* folders or entity/project/id "
+        "(default: the newest run under outputs/)",
+    )
+    parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metric keys")
+    parser.add_argument("--out", type=Path, help="PNG to write (default: <first run>/curves.png)")
+    parser.add_argument("--label", help="config key naming each line, e.g. optim.lr")
+    parser.add_argument("--band", choices=("minmax", "std"), default="minmax")
+    args = parser.parse_args(argv)
+
+    console = Console()
+    try:
+        sources = args.runs or [str(latest_run())]
+        runs = load_runs(sources)
+        out = plot_curves(
+            runs, args.keys, args.out or _default_out(runs, sources), args.label, args.band
+        )
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"curves: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    console.print(time_table(runs))
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

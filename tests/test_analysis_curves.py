@@ -1,0 +1,129 @@
+"""analysis/curves.py on real runs: seeds grouped into a band, lrs apart, W&B = metrics.jsonl."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from analysis import curves
+from tests.helpers import REPO, TINY, clean_env, epoch_records, run_py, wandb_runs
+
+CURVES_PY = REPO / "analysis" / "curves.py"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Four jobs in one process: seeds 0, 1 x lrs 1e-3, 1e-4, two epochs of two updates."""
+    tmp = tmp_path_factory.mktemp("curves")
+    run_py(
+        "-m",
+        "seed=0,1",
+        "optim.lr=1e-3,1e-4",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+        "model.name=test_resnet",  # timm's tiny test net: the runs take seconds
+        "trainer.epochs=2",
+        *TINY,
+        "trainer.limit_train_batches=2",
+        "trainer.log_every=1",
+        "trainer.limit_val_batches=1",
+        cwd=tmp,
+    )
+    return tmp / "sweep"
+
+
+def jobs_with_lr(sweep, lr):
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    return [j for j in jobs if yaml.safe_load((j / "config.yaml").read_text())["optim"]["lr"] == lr]
+
+
+def test_seeds_of_one_config_are_one_group_drawn_as_mean_and_band(sweep):
+    runs = curves.load_runs([str(j) for j in jobs_with_lr(sweep, 1e-3)])
+    assert sorted(r.config["seed"] for r in runs) == [0, 1]
+    assert [len(g) for g in curves.group_runs(runs)] == [2]
+
+    fig = curves.figure(runs)
+    for ax in fig.axes:
+        assert len(ax.lines) == 1 and len(ax.collections) == 1  # the mean, the band
+    (legend,) = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "mean of 2 seeds" in legend and "min-max" in legend
+
+
+def test_a_multirun_folder_expands_to_its_jobs_and_each_lr_is_a_line(sweep):
+    runs = curves.load_runs([sweep])
+    assert len(runs) == 4
+    groups = curves.group_runs(runs)
+    assert sorted(len(g) for g in groups) == [2, 2]
+    labels = curves.group_labels(groups, "optim.lr")
+    assert sorted(labels) == ["optim.lr=0.0001", "optim.lr=0.001"]
+    assert sorted(curves.group_labels(groups)) == sorted(labels)  # the key that differs
+
+    # one run of each lr, no seed partner: two plain lines
+    one_each = curves.load_runs([jobs_with_lr(sweep, 1e-3)[0], jobs_with_lr(sweep, 1e-4)[0]])
+    fig = curves.figure(one_each, keys=["val/loss"], label="optim.lr")
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2 and not ax.collections
+    assert ax.get_xlabel() == "update step"
+
+
+def test_the_command_line_writes_a_png_of_the_expected_size(sweep, tmp_path):
+    out = tmp_path / "fig.png"
+    proc = subprocess.run(
+        [sys.executable, str(CURVES_PY), str(sweep), "--label", "optim.lr", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout and "slowest epoch" in proc.stdout
+    width, height = curves.PANEL_SIZE_IN
+    with Image.open(out) as image:
+        assert image.size == (round(2 * width * curves.DPI), round(height * curves.DPI))
+        darkest, lightest = image.convert("L").getextrema()
+        assert darkest < 100 and lightest == 255  # lines and text on a white page
+
+
+def test_the_offline_wandb_run_gives_the_same_series_as_metrics_jsonl(sweep):
+    job = jobs_with_lr(sweep, 1e-3)[0]
+    (from_jsonl,) = curves.load_runs([job])
+    (from_wandb,) = curves.load_runs(wandb_runs(job))
+    assert from_wandb.name == from_jsonl.name
+    assert from_wandb.config["optim"]["lr"] == 1e-3
+    for key in ("train/loss", "train/lr", "val/acc1", "val/loss", "time/epoch_s"):
+        steps, values = from_jsonl.series(key)
+        assert steps
+        assert from_wandb.series(key) == (steps, pytest.approx(values))
+
+
+def test_time_statistics_name_the_slowest_and_fastest_epoch(sweep):
+    job = jobs_with_lr(sweep, 1e-4)[0]
+    records = epoch_records(job)
+    stats = curves.time_stats(curves.load_runs([job])[0])
+    slowest = max(records, key=lambda r: r["time/epoch_s"])
+    fastest = min(records, key=lambda r: r["time/epoch_s"])
+    assert (stats["slowest_epoch"], stats["slowest_s"]) == (
+        slowest["epoch"],
+        slowest["time/epoch_s"],
+    )
+    assert (stats["fastest_epoch"], stats["fastest_s"]) == (
+        fastest["epoch"],
+        fastest["time/epoch_s"],
+    )
+    # two updates per epoch (limit_train_batches=2)
+    per_update = [r["time/train_s"] / 2 for r in records]
+    assert stats["s_per_update"] == pytest.approx(sum(per_update) / len(per_update))
+
+
+def test_no_run_says_so_and_exits_non_zero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(CURVES_PY)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "no run given" in proc.stderr and "outputs" in proc.stderr

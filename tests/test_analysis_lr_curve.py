@@ -1,0 +1,78 @@
+"""analysis/lr_curve.py draws the LR a real run logs, update for update."""
+
+import csv
+import subprocess
+import sys
+
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from analysis.lr_curve import DPI, FIGSIZE, lr_curve, write
+from tests.helpers import REPO, TINY, clean_env, read_jsonl, run_py
+
+# 4 batches per epoch, accumulated 3 at a time: 2 updates per epoch (the second of 1 batch);
+# a warmup of 3 updates that crosses the epoch boundary, then the cosine
+OVERRIDES = [
+    *TINY,
+    "trainer.log_every=1",
+    "trainer.epochs=2",
+    "trainer.limit_val_batches=1",
+    "data.batch_size=16",
+    "trainer.accum_steps=3",
+    "sched.warmup_steps=3",
+    "optim=sgd",
+    "logger=none",
+]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_curve_is_the_lr_a_run_logs(tmp_path):
+    run_dir = tmp_path / "run"
+    run_py(*OVERRIDES, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    logged = {r["step"]: r["train/lr"] for r in read_jsonl(run_dir) if "train/lr" in r}
+
+    curve = lr_curve(composed(*OVERRIDES))
+    assert curve["updates_per_epoch"] == 2
+    assert curve["warmup"] == 3
+    assert curve["step"] == sorted(logged) == list(range(1, 5))
+    for step, lr in zip(curve["step"], curve["lr"], strict=True):
+        assert abs(lr - logged[step]) <= 1e-12, (step, lr, logged[step])
+    assert curve["lr"][0] < curve["lr"][1] < curve["lr"][2] < curve["lr"][3]  # the warmup
+    assert set(curve["momentum"]) == {0.9}  # conf/optim/sgd.yaml
+
+
+def test_updates_follow_train_size_accumulation_and_world_size(monkeypatch):
+    cfg = composed("trainer.epochs=2", "trainer.accum_steps=2", "data.batch_size=10")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    curve = lr_curve(cfg, train_size=1000)  # 1000 // (10 x 4) = 25 batches, 13 updates
+    assert curve["updates_per_epoch"] == 13
+    assert len(curve["lr"]) == 26
+    assert curve["momentum"][0] == 0.9  # AdamW: beta1
+
+
+def test_png_and_csv(tmp_path):
+    curve = lr_curve(composed("data.dataset.image_size=8", "trainer.epochs=2"))
+    png, csv_path = write(curve, tmp_path / "plots" / "curve")
+    with Image.open(png) as image:
+        assert image.size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == len(curve["step"]) == 2 * curve["updates_per_epoch"]
+    assert [float(r["lr"]) for r in rows] == curve["lr"]
+
+
+def test_cli_writes_where_asked_and_nothing_else(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "lr_curve.py"), "trainer.epochs=2", "+out=c"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote c.png" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png"]
