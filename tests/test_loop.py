@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -11,7 +12,8 @@ from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
 from engine.loop import fit
 from engine.schedules import cosine
-from tests.helpers import TINY, clean_env, read_jsonl, records_of, run_py, wandb_records, wandb_runs
+from tests.helpers import TINY, read_jsonl, records_of, run_py, wandb_records, wandb_runs
+from tests.test_config import composed
 
 
 def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **trainer):
@@ -113,17 +115,15 @@ def test_crashed_run_closes_its_wandb_run_as_failed(tmp_path):
     assert records_of(wandb_records(offline_run), "exit")[0]["exit_code"] == 1
 
 
-def test_logger_none_and_wandb_mode_disabled_write_no_wandb_run(tmp_path):
+def test_logger_none_and_wandb_mode_disabled_write_no_wandb_run(tmp_path, monkeypatch):
     run_py(
         *TINY, "trainer.epochs=1", "logger=none", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path
     )
-    run_py(
-        *TINY,
-        "trainer.epochs=1",
-        f"hydra.run.dir={tmp_path / 'b'}",
-        cwd=tmp_path,
-        env=clean_env(WANDB_MODE="disabled"),
-    )
+    # WANDB_MODE=disabled reaches wandb.init through the composed logger config
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wandb_init = OmegaConf.to_container(composed().logger.wandb, resolve=True)
+    with RunLogger(tmp_path / "b", config={}, wandb_init=wandb_init) as logger:
+        logger.log({"val/acc1": 50.0}, step=1)
     for name in "ab":
         assert not wandb_runs(tmp_path / name)
         assert any("val/acc1" in r for r in read_jsonl(tmp_path / name))
