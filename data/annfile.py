@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data.images import ImageFiles
+from data.images import image_file_splits
 from data.splits import Splits, stratified_split
 
 
@@ -46,13 +46,7 @@ def annfile(
         train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
     else:
         val = read_annotations(_file(root_path, val_ann, "val_ann"), root_path, names)
-    return Splits(
-        train=ImageFiles(train, train_transform),
-        val=ImageFiles(val, eval_transform),
-        classes=names,
-        in_chans=3,
-        train_eval=ImageFiles(train, eval_transform),
-    )
+    return image_file_splits(train, val, names, train_transform, eval_transform)
 
 
 def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:

@@ -4,7 +4,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from data.images import IMAGE_EXTENSIONS, ImageFiles, is_image_file
+from data.images import IMAGE_EXTENSIONS, image_file_splits, is_image_file
 from data.splits import Splits, stratified_split
 
 LAYOUT = "<root>/<class>/<image> (split by val_fraction) or <root>/{train,val}/<class>/<image>"
@@ -34,13 +34,8 @@ def imagefolder(
     train_idx, val_idx = stratified_split(
         [label for _, label in samples], val_fraction, split_seed, classes
     )
-    return Splits(
-        train=ImageFiles([samples[i] for i in train_idx], train_transform),
-        val=ImageFiles([samples[i] for i in val_idx], eval_transform),
-        classes=classes,
-        in_chans=3,
-        train_eval=ImageFiles([samples[i] for i in train_idx], eval_transform),
-    )
+    train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    return image_file_splits(train, val, classes, train_transform, eval_transform)
 
 
 def imagenet(
@@ -87,13 +82,7 @@ def _split_folders(root, train_dir, val_dir, train_transform, eval_transform) ->
         )
     classes, train_samples = scan_class_folders(train_root, "data.dataset.train_dir")
     _, val_samples = scan_class_folders(val_root, "data.dataset.val_dir", classes=classes)
-    return Splits(
-        train=ImageFiles(train_samples, train_transform),
-        val=ImageFiles(val_samples, eval_transform),
-        classes=classes,
-        in_chans=3,
-        train_eval=ImageFiles(train_samples, eval_transform),
-    )
+    return image_file_splits(train_samples, val_samples, classes, train_transform, eval_transform)
 
 
 def scan_class_folders(

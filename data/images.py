@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from data.splits import Splits
+
 # lower-case suffixes read as images; anything else in a class folder is skipped
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -93,3 +95,20 @@ class ImageFiles(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def image_file_splits(
+    train: Sequence[tuple[str, int]],
+    val: Sequence[tuple[str, int]],
+    classes: list[str],
+    train_transform: Callable | None,
+    eval_transform: Callable | None,
+) -> Splits:
+    """Splits of (path, label) samples; train_eval reads the training images for evaluation."""
+    return Splits(
+        train=ImageFiles(train, train_transform),
+        val=ImageFiles(val, eval_transform),
+        classes=classes,
+        in_chans=3,
+        train_eval=ImageFiles(train, eval_transform),
+    )
