@@ -1,19 +1,23 @@
-"""Train an image classifier: `python run.py [group=option ...] [key=value ...]`.
+"""Train an image classifier, and evaluate, use, export or serve what it learned.
 
 python run.py                                   # ResNet-18 on the bundled digits, offline
 python run.py model=convnext_base data=cifar10  # any model x any dataset
 python run.py -m optim.lr=1e-3,1e-4             # one run per value, one W&B group
 python run.py resume=outputs/<date>/<time>      # continue a run where it stopped
+python run.py task=eval task.ckpt=outputs/<date>/<time> task.split=val
+python run.py task=predict task.inputs=photo.jpg
+python run.py task=export                       # ONNX + safetensors of the newest run
+python run.py task=serve task.port=8000         # POST an image, get the top-k JSON back
 python run.py --cfg job                         # print the composed config, do nothing
 """
 
 import hydra
 from omegaconf import DictConfig
 
+# (imports are made inside the tasks so that --help and --cfg answer without loading torch)
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    # imported here so that --help and --cfg answer without loading torch
+
+def train(cfg: DictConfig) -> float:
     from analysis.flops import model_complexity
     from engine import build
     from engine.console import print_config_tree, print_summary
@@ -31,7 +35,7 @@ def main(cfg: DictConfig) -> float:
     write_run_info(run_dir, build.plain(cfg))
 
     with build.build_logger(cfg, run_dir, resume) as logger:
-        saver = build.build_saver(cfg, run_dir, splits.classes, logger.run_id)
+        saver = build.build_saver(cfg, run_dir, splits, logger.run_id)
         size = model_complexity(model, tuple(splits.val[0][0].shape))  # one image, as loaded
         logger.summary({"model/params_m": size["params"] / 1e6, "model/gmacs": size["macs"] / 1e9})
         result = fit(
@@ -52,6 +56,80 @@ def main(cfg: DictConfig) -> float:
             logger.log_checkpoint(saver.best, name=f"model-{logger.run_id}", metadata=best)
     print_summary(f"run finished: {run_dir}", {**result, "best checkpoint": saver.best})
     return result["best/val/acc1"]
+
+
+def evaluate(cfg: DictConfig) -> float:
+    from engine import build
+    from engine.console import print_summary
+    from engine.evaluate import evaluate_model, write_results
+    from engine.loop import resolve_device
+    from engine.predict import load_trained
+    from engine.runinfo import write_run_info
+
+    task = cfg.task
+    trained = load_trained(task.ckpt, use_ema=task.use_ema)
+    cfg, run_dir = build.config_for_trained(cfg, trained.config)
+    dataset, loader = build.build_eval_data(cfg, trained.classes, task.split)
+    write_run_info(run_dir, build.plain(cfg))
+    device = resolve_device(cfg.trainer.device)
+    results = evaluate_model(trained.model.to(device), loader, trained.classes, topk=task.topk)
+    files = write_results(results, dataset, run_dir / "eval", source=trained.source)
+    with build.build_logger(cfg, run_dir, None, job_type="eval") as logger:
+        logger.log_evaluation(results, dataset, trained.source, task.log_misclassified)
+    print_summary(f"evaluated {trained.source} on {task.split}", {**results.metrics, **files})
+    return results.metrics["eval/acc1"]
+
+
+def predict(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from engine.loop import resolve_device
+    from engine.predict import Classifier, image_files, print_predictions, write_predictions
+
+    task = cfg.task
+    classifier = Classifier.load(
+        task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
+    )
+    files = image_files(task.inputs)
+    results = classifier.predict(files, topk=task.topk, batch_size=task.batch_size)
+    out = task.out or f"{HydraConfig.get().runtime.output_dir}/predictions.json"
+    print_predictions(files, results)
+    print(f"wrote {write_predictions(files, results, out)}")
+
+
+def export(cfg: DictConfig) -> None:
+    from engine import build
+    from engine.export import export as export_model
+    from engine.predict import load_trained
+
+    task = cfg.task
+    trained = load_trained(task.ckpt, use_ema=task.use_ema)
+    run_cfg, _ = build.config_for_trained(cfg, trained.config)
+    check = build.validation_images(run_cfg, trained.classes, task.check_images)
+    out = task.out or trained.source.parent.parent / "export"
+    formats = {"formats": task.formats, "opset": task.opset, "atol": task.atol}
+    for path in export_model(trained, out, **formats, check_inputs=check):
+        print(f"wrote {path}")
+
+
+def serve(cfg: DictConfig) -> None:
+    from engine.loop import resolve_device
+    from engine.predict import Classifier
+    from engine.serve import serve as serve_http
+
+    task = cfg.task
+    classifier = Classifier.load(
+        task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
+    )
+    serve_http(classifier, host=task.host, port=task.port, topk=task.topk, max_bytes=task.max_bytes)
+
+
+TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "serve": serve}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    return TASKS[cfg.task.name](cfg)
 
 
 if __name__ == "__main__":

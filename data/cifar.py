@@ -7,7 +7,7 @@ from torchvision import datasets
 
 from data.splits import Splits
 from data.torchvision_files import read_pair, with_transform
-from data.transforms import small_image_transforms
+from data.transforms import small_image_preprocess, small_image_transforms
 
 # per-channel statistics of the training images (0..1 scale)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -57,9 +57,11 @@ def _cifar(
     root = Path(root).expanduser()
     if (train_transform is None) != (eval_transform is None):
         raise ValueError("give both train_transform and eval_transform, or neither")
+    preprocess = None  # the model's pipeline: engine.build.build_data records its keys
     if train_transform is None:
         train_transform = small_image_transforms(image_size, mean, std, train=True, augment=augment)
         eval_transform = small_image_transforms(image_size, mean, std, train=False, augment=False)
+        preprocess = small_image_preprocess(image_size, mean, std)
     train, val = read_pair(
         cls,
         root,
@@ -79,4 +81,5 @@ def _cifar(
         classes=list(train.classes),
         in_chans=3,
         train_eval=with_transform(train, eval_transform),
+        preprocess=preprocess,
     )

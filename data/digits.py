@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
 from data.splits import Splits, stratified_split
+from data.transforms import small_image_preprocess
 
 
 def digits(image_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:
@@ -53,4 +54,6 @@ def _tensor_splits(images, labels, classes, image_size, val_fraction, split_seed
         val=TensorDataset(images[val_idx], labels[val_idx]),
         classes=classes,
         in_chans=1,
+        # an image file of a digit (light on dark, any size) as the model saw the training set
+        preprocess=small_image_preprocess(image_size, (float(mean),), (float(std),), "bilinear"),
     )

@@ -64,6 +64,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_gray(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit grayscale ('L'), alpha composited onto white as in `to_rgb`."""
+    return image if image.mode == "L" else to_rgb(image).convert("L")
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit ('I;16*', 'I') and float ('F') grayscale as 8-bit 'L'.
 
@@ -76,6 +81,17 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     elif image.mode.startswith("I;16") or (pixels.size and pixels.max() > 255):
         pixels = pixels / 257.0
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))  # 2-D uint8: L
+
+
+def to_picture(image) -> np.ndarray:
+    """A model input (C, H, W) tensor, normalised, as an (H, W, 3) uint8 picture to look at.
+
+    Min-max stretched per image: the dataset's mean and std are not needed to show it.
+    """
+    x = image.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 class ImageFiles(Dataset):

@@ -30,6 +30,7 @@ def kfold(splits: Splits, fold: int, num_folds: int = 5, fold_seed: int = 0) -> 
         classes=splits.classes,
         in_chans=splits.in_chans,
         train_eval=LabelledSubset(source_of_val, train_idx.tolist()),
+        preprocess=splits.preprocess,
     )
 
 

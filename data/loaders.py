@@ -25,11 +25,7 @@ def make_loaders(
             f"data.batch_size={batch_size} is larger than the training set "
             f"({len(splits.train)} images); lower data.batch_size"
         )
-    common = {
-        "num_workers": num_workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": num_workers > 0,
-    }
+    common = _worker_kwargs(num_workers, pin_memory)
     train = DataLoader(
         splits.train,
         batch_size=batch_size,
@@ -38,8 +34,28 @@ def make_loaders(
         generator=torch.Generator(),
         **common,
     )
-    val = DataLoader(splits.val, batch_size=eval_batch_size or 2 * batch_size, **common)
+    val = eval_loader(splits.val, batch_size, num_workers, pin_memory, eval_batch_size)
     return train, val
+
+
+def eval_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    eval_batch_size: int | None = None,
+) -> DataLoader:
+    """The dataset in order, in batches of eval_batch_size (default 2 x batch_size)."""
+    batch = eval_batch_size or 2 * batch_size
+    return DataLoader(dataset, batch_size=batch, **_worker_kwargs(num_workers, pin_memory))
+
+
+def _worker_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    return {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": num_workers > 0,
+    }
 
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

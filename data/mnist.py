@@ -7,7 +7,7 @@ from torchvision import datasets
 
 from data.splits import Splits
 from data.torchvision_files import read_pair, with_transform
-from data.transforms import small_image_transforms
+from data.transforms import small_image_preprocess, small_image_transforms
 
 # statistics of the training images (0..1 scale), one grayscale channel
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -65,8 +65,10 @@ def _mnist(
     if (train_transform is None) != (eval_transform is None):
         raise ValueError("give both train_transform and eval_transform, or neither")
     in_chans = 3  # the model's pipeline makes RGB
+    preprocess = None  # the model's pipeline: engine.build.build_data records its keys
     if train_transform is None:
         in_chans = 1
+        preprocess = small_image_preprocess(image_size, mean, std)
         own = {"native_size": 28, "hflip": hflip}
         train_transform = small_image_transforms(
             image_size, mean, std, train=True, augment=augment, **own
@@ -91,4 +93,5 @@ def _mnist(
         classes=list(train.classes),
         in_chans=in_chans,
         train_eval=with_transform(train, eval_transform),
+        preprocess=preprocess,
     )

@@ -18,6 +18,10 @@ class Splits:
     # the training images under the evaluation transform, where `train` augments: k-fold
     # validation folds are cut from it (data/kfold.py). None: `train` does not augment.
     train_eval: Dataset | None = None
+    # how an image file becomes the model's input: the keyword arguments of
+    # data.transforms.file_transform (input_size (C, H, W), mean, std, interpolation, crop_pct).
+    # Stored in checkpoints, so predict / serve / export need nothing but the checkpoint.
+    preprocess: dict | None = None
 
 
 class LabelledSubset(Subset):

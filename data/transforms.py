@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from timm.data import create_transform
 from torchvision import transforms as T
 
-from data.images import to_rgb
+from data.images import to_gray, to_rgb
 
 # timm's policy names are passed through; this one is torchvision's (timm has no TrivialAugment)
 TRIVIAL_AUGMENT = "trivialaugment"
@@ -60,8 +60,70 @@ def image_transforms(
         mode = "bilinear" if interpolation == "random" else interpolation
         wide = T.TrivialAugmentWide(interpolation=T.InterpolationMode(mode))
         train = T.Compose([*crop_flip.transforms, wide, *finish.transforms])
-    evaluate = create_transform(size, is_training=False, crop_pct=crop_pct, **common)
-    return T.Compose([to_rgb, train]), T.Compose([to_rgb, evaluate])
+    evaluate = file_transform(**photo_preprocess(size, mean, std, interpolation, crop_pct))
+    return T.Compose([to_rgb, train]), evaluate
+
+
+def file_transform(
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
+) -> Callable:
+    """A PIL image of any mode as the model's (C, H, W) input: the evaluation pipeline.
+
+    RGB for C=3, grayscale for C=1; resize the short side to H / crop_pct, center-crop H x W,
+    scale to 0..1, normalise. The keys are those of `Splits.preprocess` (and checkpoints'
+    'preprocess'), so a checkpoint alone rebuilds what its model expects.
+    """
+    chans, height, width = (int(v) for v in input_size)
+    if chans not in (1, 3):
+        raise ValueError(f"preprocess input_size={list(input_size)}: images have 1 or 3 channels")
+    evaluate = create_transform(
+        (height, width),
+        is_training=False,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    return T.Compose([to_rgb if chans == 3 else to_gray, evaluate])
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+
+def photo_preprocess(
+    input_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    **train_only,
+) -> dict:
+    """`Splits.preprocess` of `image_transforms` with these keys: its evaluation half."""
+    return {
+        "input_size": (3, *_pair(input_size)),
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+        "interpolation": interpolation,
+        "crop_pct": float(crop_pct),
+    }
+
+
+def small_image_preprocess(
+    image_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic"
+) -> dict:
+    """`Splits.preprocess` of a dataset whose images are `image_size` squares (CIFAR, MNIST)."""
+    return {
+        "input_size": (len(mean), image_size, image_size),
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+        "interpolation": interpolation,
+        "crop_pct": 1.0,
+    }
 
 
 def small_image_transforms(

@@ -6,8 +6,10 @@ Everything below hands plain keyword arguments or built objects to models/, data
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
@@ -18,8 +20,8 @@ from torch import nn
 
 from data import Splits
 from data.kfold import kfold
-from data.loaders import make_loaders
-from data.transforms import image_transforms
+from data.loaders import eval_loader, make_loaders
+from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
@@ -97,7 +99,7 @@ def _load_for_resume(path: Path) -> dict:
     return state
 
 
-def _apply_overrides(saved: DictConfig, overrides: list[str]) -> None:
+def _apply_overrides(saved: DictConfig, overrides: list[str], keeps: str = "a resumed run") -> None:
     """Command-line `key=value` overrides onto a run's saved config (group choices cannot change)."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
@@ -106,13 +108,47 @@ def _apply_overrides(saved: DictConfig, overrides: list[str]) -> None:
         node = OmegaConf.select(saved, key)
         if isinstance(node, DictConfig):
             raise ValueError(
-                f"{override.input_line!r}: a resumed run keeps its {key} choice; start a new run "
+                f"{override.input_line!r}: {keeps} keeps its {key} choice; start a new run "
                 f"to change it, or override single keys ({key}.<name>=...)"
             )
         OmegaConf.update(saved, key, override.value(), force_add=True)
 
 
+# groups a trained model is used with that the command line chooses, not the training run
+USE_TIME_GROUPS = ("task", "logger", "data")
+
+
+def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
+    """(config, output folder) for using a trained model: eval, export checks.
+
+    The model's saved config, with this job's task, logger and paths; its data config unless
+    `data=<option>` is on the command line; command-line `key=value` overrides on top.
+    """
+    overrides = HydraConfig.get().overrides.task
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    chosen = {o.key_or_group for o in parsed if "." not in o.key_or_group}
+    run_cfg = OmegaConf.create(saved)
+    for key in ("task", "logger", "paths"):
+        run_cfg[key] = cfg[key]
+    if "data" in chosen:
+        run_cfg.data = cfg.data
+    plain_overrides = [
+        o.input_line
+        for o in parsed
+        if o.key_or_group.split(".")[0] not in ("task", "logger") and o.key_or_group != "data"
+    ]
+    _apply_overrides(run_cfg, plain_overrides, keeps="a trained model")
+    return run_cfg, Path(HydraConfig.get().runtime.output_dir)
+
+
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
+    splits = build_splits(cfg)
+    train_loader, val_loader = make_loaders(splits, **_loader_kwargs(cfg))
+    return splits, train_loader, val_loader
+
+
+def build_splits(cfg: DictConfig) -> Splits:
+    """cfg.data's datasets: the model's preprocessing where data.transform asks for it, k-fold."""
     late = {}
     if cfg.data.get("transform") is not None:
         # the model's input size, mean, std, interpolation and crop_pct where data.transform
@@ -122,14 +158,57 @@ def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
         keys.update({k: v for k, v in model.items() if keys.get(k) is None})
         late["train_transform"], late["eval_transform"] = image_transforms(**keys)
     splits: Splits = build(cfg.data.dataset, **late)
+    if late:
+        splits = replace(splits, preprocess=photo_preprocess(**keys))
     if cfg.data.get("fold") is not None:
         splits = kfold(
             splits, fold=cfg.data.fold, num_folds=cfg.data.num_folds, fold_seed=cfg.data.fold_seed
         )
+    return splits
+
+
+def _loader_kwargs(cfg: DictConfig) -> dict:
     not_loader = ("dataset", "transform", "fold", "num_folds", "fold_seed")
-    loader_kwargs = {k: v for k, v in cfg.data.items() if k not in not_loader}
-    train_loader, val_loader = make_loaders(splits, **loader_kwargs)
-    return splits, train_loader, val_loader
+    return {k: v for k, v in cfg.data.items() if k not in not_loader}
+
+
+def build_eval_data(cfg: DictConfig, classes: list[str], split: str = "val"):
+    """(dataset, loader in order) of `split` (val | train) for evaluating a model of `classes`.
+
+    train is read with the evaluation transform. The dataset's classes must be the model's.
+    """
+    if split not in ("val", "train"):
+        raise ValueError(f"task.split={split!r} must be 'val' or 'train'")
+    splits = build_splits(cfg)
+    if list(splits.classes) != list(classes):
+        raise ValueError(
+            f"the model was trained on {len(classes)} classes {_short(classes)} but "
+            f"{cfg.data.dataset._target_} has {len(splits.classes)} {_short(splits.classes)}; "
+            "evaluate on data with the model's classes (same names, same order)"
+        )
+    dataset = splits.val
+    if split == "train":
+        dataset = splits.train_eval if splits.train_eval is not None else splits.train
+    return dataset, eval_loader(dataset, **_loader_kwargs(cfg))
+
+
+def validation_images(cfg: DictConfig, classes: list[str], check_images: int):
+    """The first `check_images` validation images as a batch, or None when the data is not here.
+
+    For checks that want real inputs (the ONNX export) but can do without them.
+    """
+    try:
+        dataset, _ = build_eval_data(cfg, classes, "val")
+    except (OSError, ValueError) as err:
+        log.warning("no validation images to check with (%s); random inputs instead", err)
+        return None
+    count = min(check_images, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)]) if count else None
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    shown = ", ".join(map(str, names[:n]))
+    return f"[{shown}{', ...' if len(names) > n else ''}]"
 
 
 def build_model(cfg: DictConfig, splits: Splits) -> nn.Module:
@@ -167,10 +246,15 @@ def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
     return build(cfg.sched)(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch)
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, resume: dict | None) -> RunLogger:
+def build_logger(
+    cfg: DictConfig, run_dir: Path, resume: dict | None, job_type: str = "train"
+) -> RunLogger:
     wandb_init = None
     if cfg.logger.wandb is not None:
-        wandb_init = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+        wandb_init = {
+            "job_type": job_type,
+            **OmegaConf.to_container(cfg.logger.wandb, resolve=True),
+        }
         if wandb_init.get("group") is None and HydraConfig.get().mode == RunMode.MULTIRUN:
             # all jobs of one `-m` sweep form one W&B group, named after the sweep folder
             wandb_init["group"] = HydraConfig.get().sweep.dir.replace("/", "_")
@@ -183,12 +267,20 @@ def build_logger(cfg: DictConfig, run_dir: Path, resume: dict | None) -> RunLogg
     )
 
 
-def build_saver(
-    cfg: DictConfig, run_dir: Path, class_names: list[str], wandb_run_id
-) -> CheckpointSaver:
+def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) -> CheckpointSaver:
+    # what predict, serve and export need besides the weights: nothing else is read
     metadata = {
         "config": plain(cfg),
-        "class_names": list(class_names),
+        "class_names": list(splits.classes),
+        "in_chans": splits.in_chans,
+        "preprocess": _plain_preprocess(splits.preprocess),
         "wandb_run_id": wandb_run_id,
     }
     return CheckpointSaver(run_dir / "checkpoints", **cfg.checkpoint, metadata=metadata)
+
+
+def _plain_preprocess(preprocess: dict | None) -> dict | None:
+    """Lists instead of tuples: a checkpoint loads with weights_only=True, and JSON has no tuple."""
+    if preprocess is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple | list) else v for k, v in preprocess.items()}

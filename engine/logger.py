@@ -67,6 +67,41 @@ class RunLogger:
         artifact.add_file(str(path), name=path.name, policy="immutable")
         self.wandb_run.log_artifact(artifact, aliases=["best", "latest"])
 
+    def log_evaluation(self, evaluation, dataset, source, log_misclassified: int = 64) -> None:
+        """An evaluation (engine.evaluate.Evaluation): its metrics in the summary and, in W&B,
+        the confusion matrix, the per-class table and a table of the first `log_misclassified`
+        wrong predictions with their images."""
+        self.summary({**evaluation.metrics, "eval/checkpoint": str(source)})
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        from data.images import to_picture
+
+        classes = evaluation.classes
+        preds = evaluation.preds.tolist()
+        targets = evaluation.targets.tolist()
+        per_class = evaluation.per_class()
+        columns = list(per_class[0])
+        logged = {
+            "eval/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=targets, preds=preds, class_names=classes, title="confusion matrix"
+            ),
+            "eval/per_class": wandb.Table(
+                columns=columns, data=[[row[c] for c in columns] for row in per_class]
+            ),
+        }
+        if log_misclassified > 0:
+            probs = evaluation.probs
+            table = wandb.Table(columns=["index", "image", "true", "predicted", "score"])
+            wrong = [i for i, (p, t) in enumerate(zip(preds, targets, strict=True)) if p != t]
+            for i in wrong[:log_misclassified]:
+                picture = wandb.Image(to_picture(dataset[i][0]))
+                score = float(probs[i, preds[i]])
+                table.add_data(i, picture, classes[targets[i]], classes[preds[i]], score)
+            logged["eval/misclassified"] = table
+        self.wandb_run.log(logged)
+
     def close(self, failed: bool = False) -> None:
         self._jsonl.close()
         if self.wandb_run:

@@ -20,7 +20,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
+
+
+def file_mode() -> int:
+    """The permissions open() gives a new file. mkstemp's files are private (0600), which
+    would hide run files from a group sharing a results folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def git_state(repo: Path) -> dict:

@@ -20,10 +20,37 @@ from models.timm_models import preprocessing
 from tests.helpers import REPO, RUN_PY, clean_env
 
 CONF = REPO / "conf"
-GROUPS = ["model", "data", "optim", "sched", "trainer", "logger"]
+GROUPS = ["model", "data", "optim", "sched", "trainer", "logger", "task"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 FOLD_KEYS = ("fold", "num_folds", "fold_seed")  # conf/config.yaml, for every dataset
+
+
+def _task_functions():
+    from engine import build, evaluate, export, logger, predict, serve
+
+    common = (predict.load_trained, predict.Classifier.load)
+    return {
+        "train": lambda: (),
+        "eval": lambda: (
+            *common,
+            build.build_eval_data,
+            evaluate.evaluate_model,
+            logger.RunLogger.log_evaluation,
+        ),
+        "predict": lambda: (
+            *common,
+            predict.image_files,
+            predict.Classifier.predict,
+            predict.write_predictions,
+        ),
+        "export": lambda: (*common, export.export, build.validation_images),
+        "serve": lambda: (*common, serve.serve),
+    }
+
+
+# the functions each task hands its keys to (run.py): every key must be one of their arguments
+TASK_FUNCTIONS = _task_functions()
 
 
 def composed(*overrides: str):
@@ -102,6 +129,13 @@ def check_group(cfg, group: str) -> None:
         bind(target, keys, late=("optimizer", "total_steps", "steps_per_epoch"))
     elif group == "trainer":
         bind(fit, OmegaConf.to_container(node))
+    elif group == "task":
+        keys = OmegaConf.to_container(node)
+        keys.pop("name")
+        for func in TASK_FUNCTIONS[node.name]():
+            params = inspect.signature(func).parameters
+            keys = {k: v for k, v in keys.items() if k not in params}
+        assert not keys, f"task={node.name}: no function of the task takes {sorted(keys)}"
     elif group == "logger":
         import wandb
 

@@ -1,0 +1,505 @@
+"""Class activation maps (pytorch-grad-cam) of a trained model, written as PNG overlays.
+
+python analysis/cam.py                                   # newest run, 8 validation images, GradCAM
+python analysis/cam.py run=outputs/<date>/<time> method=layercam n=16 target=3
+python analysis/cam.py run=model.safetensors images=photos/ layer=layer3
+python analysis/cam.py grid=true index=5                 # one image, all six methods side by side
+python analysis/cam.py list_layers=true                  # module names (and shapes) for layer=...
+
+Options (key=value):
+  run          run folder, checkpoint (.pt) or exported .safetensors; default the newest
+               outputs/<date>/<time> with checkpoints/best.pt. use_ema=true: its EMA weights.
+  method       gradcam (default) | gradcam++ | xgradcam | eigencam | eigengradcam | layercam
+  images       an image file or a folder of them (recursive), read with the preprocessing the
+               checkpoint records; default: the run's validation split, rebuilt from its config
+  n, index     how many images, from which one: default 8 validation images from 0, or every
+               file of images= (sorted by path)
+  layer        module name (list_layers=true prints them with their output shapes). Default: a
+               ViT / DeiT / BEiT's last block's norm1, its patch tokens laid on the patch grid
+               (class and register tokens dropped); otherwise the deepest of timm's feature
+               stages (Swin's NHWC stages turned NCHW) whose map is at least 2 x 2 at the input
+               size, since a 1 x 1 map gives a flat CAM; else the last Conv2d.
+  target       the class each map explains, an index or a name (names are matched first);
+               default the predicted class
+  aug_smooth, eigen_smooth   pytorch-grad-cam's test-time-augmentation and principal-component
+               smoothing (true | false)
+  grid         true: one image (index), all methods side by side in one figure
+  out          folder for the PNGs; default <run>/cam (next to checkpoints/ or export/)
+
+Each PNG shows the input (an image file as the model sees it: resized and cropped, unnormalised)
+and the overlay of each method, titled with the predicted class and its probability, the true
+class of a validation image, and the class the map explains. The written paths are printed.
+"""
+
+import difflib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
+
+import numpy as np
+import torch
+from torch import nn
+
+# option value -> pytorch_grad_cam class
+METHODS = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "layercam": "LayerCAM",
+}
+N_DEFAULT = 8  # validation images when n is not given
+BATCH = 16  # images per CAM pass: bounds the activations and gradients held at once
+# figure geometry, inches: one square panel per picture under a two-line title
+PANEL_IN, TITLE_IN, DPI = 2.4, 0.6, 100
+# modules whose 4-D output is NCHW even inside an NHWC model (Swin's patch_embed.proj)
+NCHW_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def target_layer(model: nn.Module, name: str | None = None, input_hw=None):
+    """(name, module, reshape_transform or None) whose activations the CAM weighs.
+
+    name: a module name of model.named_modules(); None: the default (see the module docstring).
+    input_hw: (H, W) of the input, for choosing a default stage whose map is at least 2 x 2.
+    reshape_transform turns the module's output into (N, C, H, W).
+    """
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
+            raise ValueError(
+                f"layer={name!r} is not a module of {type(model).__name__}; close names: "
+                f"{close or 'none'} (list_layers=true prints them all)"
+            )
+        return name, modules[name], _reshape_for(model, modules[name])
+    name = _default_layer(model, modules, input_hw)
+    return name, modules[name], _reshape_for(model, modules[name])
+
+
+def _is_vit(model: nn.Module) -> bool:
+    """timm's token models on a patch grid: VisionTransformer (ViT, DeiT), Beit, Eva."""
+    return all(hasattr(model, a) for a in ("blocks", "num_prefix_tokens", "patch_embed"))
+
+
+def _is_nhwc(model: nn.Module) -> bool:
+    # timm's capability flag: Swin's stages pass (N, H, W, C) between them
+    return str(getattr(model, "output_fmt", "")).upper().endswith("NHWC")
+
+
+def _default_layer(model: nn.Module, modules: dict, input_hw) -> str:
+    if _is_vit(model) and len(model.blocks):
+        # the last block's output reaches the head through the class token only, so its patch
+        # tokens get no gradient; its norm1 feeds the attention that the class token reads
+        last = f"blocks.{len(model.blocks) - 1}"
+        return f"{last}.norm1" if f"{last}.norm1" in modules else last
+    stages = [
+        info
+        for info in getattr(model, "feature_info", None) or []
+        if isinstance(info, dict) and info.get("module") in modules
+    ]
+    if stages:
+        if input_hw is not None:
+            side = min(int(s) for s in input_hw)
+            coarse_ok = [s for s in stages if side // int(s.get("reduction", 1)) >= 2]
+            stages = coarse_ok or stages[:1]
+        return stages[-1]["module"]
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(
+            f"no default CAM layer for {type(model).__name__} (no timm feature_info, no Conv2d); "
+            "give layer=<module name> (list_layers=true prints them)"
+        )
+    return convs[-1]
+
+
+def _reshape_for(model: nn.Module, module: nn.Module):
+    if _is_vit(model):
+        return _tokens_to_grid(int(model.num_prefix_tokens), tuple(model.patch_embed.grid_size))
+    if _is_nhwc(model) and not isinstance(module, NCHW_MODULES):
+        return _nhwc_to_nchw
+    return None
+
+
+def _tokens_to_grid(prefix: int, grid: tuple[int, int]):
+    """(N, tokens, C) -> (N, C, H, W) of the patch tokens; class and register tokens dropped."""
+
+    def reshape(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3:
+            return x  # a conv inside the patch embedding: already (N, C, H, W)
+        count = x.shape[1]
+        patches = x[:, prefix:] if count - prefix > 0 and count != grid[0] * grid[1] else x
+        h, w = grid
+        if patches.shape[1] != h * w:  # another input size (dynamic_img_size): a square grid
+            h = w = round(patches.shape[1] ** 0.5)
+        if patches.shape[1] != h * w:
+            raise ValueError(
+                f"{count} tokens ({prefix} class/register tokens) do not fit a {grid[0]} x "
+                f"{grid[1]} patch grid; choose another layer (list_layers=true)"
+            )
+        return patches.reshape(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+
+
+def _forward_checked(model, images, name, module, reshape) -> torch.Tensor:
+    """Class probabilities, checking on the way that the layer gives a (N, C, H, W) map."""
+    seen = {}
+    handle = module.register_forward_hook(lambda m, i, out: seen.update(out=out))
+    try:
+        with torch.no_grad():
+            probs = model(images).float().softmax(-1)
+    finally:
+        handle.remove()
+    out = seen.get("out")
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"layer={name!r} returns {type(out).__name__}, not a tensor; choose another layer "
+            "(list_layers=true)"
+        )
+    shape = tuple((reshape(out) if reshape else out).shape)
+    if len(shape) != 4:
+        raise ValueError(
+            f"layer={name!r} outputs {tuple(out.shape)}, not a feature map (N, C, H, W); "
+            "choose a layer with a spatial output (list_layers=true prints the shapes)"
+        )
+    return probs
+
+
+def compute_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str = "gradcam",
+    layer: str | None = None,
+    targets: list[int] | None = None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """(CAMs (N, H, W) in 0..1 at the input's H x W, class probabilities (N, classes)).
+
+    images: (N, C, H, W) as the model takes them. targets: the class each CAM explains,
+    default the predicted one. layer: a module name, default as `target_layer` chooses.
+    """
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method = _method(method)
+    model.eval()
+    name, module, reshape = target_layer(model, layer, images.shape[-2:])
+    device = next(model.parameters()).device
+    images = images.to(device)
+    probs = _forward_checked(model, images, name, module, reshape).cpu()
+    if targets is None:
+        targets = probs.argmax(-1).tolist()
+    if len(targets) != len(images):
+        raise ValueError(f"{len(targets)} targets for {len(images)} images")
+    cam = getattr(pytorch_grad_cam, METHODS[method])(
+        model=model, target_layers=[module], reshape_transform=reshape
+    )
+    try:
+        # an input that requires grad: the layer's output gets a gradient even when every
+        # parameter before it is frozen (model.freeze)
+        maps = cam(
+            input_tensor=images.detach().requires_grad_(True),
+            targets=[ClassifierOutputTarget(int(t)) for t in targets],
+            aug_smooth=aug_smooth,
+            eigen_smooth=eigen_smooth,
+        )
+    finally:
+        # not `with cam:` — its __exit__ prints and swallows an IndexError
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+    return np.asarray(maps, dtype=np.float32), probs
+
+
+def _method(method: str) -> str:
+    key = str(method).lower()
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, list(METHODS), n=3, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"method={method!r} is not one of {list(METHODS)}{hint}")
+    return key
+
+
+def class_index(target, classes: list[str]) -> int:
+    """A class name (matched first) or index as an index into `classes`."""
+    if str(target) in classes:
+        return classes.index(str(target))
+    try:
+        index = int(target)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(classes):
+        close = difflib.get_close_matches(str(target), classes, n=5)
+        raise ValueError(
+            f"target={target!r} is neither a class name nor an index 0..{len(classes) - 1}; "
+            f"close names: {close or classes[:10]}"
+        )
+    return index
+
+
+def validation_split(trained):
+    """The run's validation dataset, rebuilt from the checkpoint's config by engine.build."""
+    from omegaconf import OmegaConf
+
+    from engine.build import build_eval_data
+
+    dataset, _ = build_eval_data(OmegaConf.create(trained.config), trained.classes, "val")
+    return dataset
+
+
+def validation_samples(dataset, indices):
+    """(inputs (N, C, H, W), labels, names, pictures) of the samples `indices` of `dataset`;
+    a picture is the input min-max stretched (data.images.to_picture)."""
+    from data.images import to_picture
+
+    samples = [dataset[i] for i in indices]
+    inputs = torch.stack([s[0] for s in samples])
+    names = [f"val_{i:05d}" for i in indices]
+    return inputs, [int(s[1]) for s in samples], names, [to_picture(x) for x in inputs]
+
+
+def file_samples(trained, files: list[Path], names: list[str]):
+    """(inputs (N, C, H, W), labels (None: unknown), names, pictures) of image files under the
+    checkpoint's preprocessing. A picture is the file resized and cropped as the model's input
+    is, in its own colours and unnormalised."""
+    from data.images import load_image
+    from data.transforms import file_transform
+
+    transform = file_transform(**trained.preprocess)
+    _, height, width = (int(v) for v in trained.preprocess["input_size"])
+    geometry = {**trained.preprocess, "input_size": (3, height, width)}
+    show = file_transform(**{**geometry, "mean": (0.0,) * 3, "std": (1.0,) * 3})
+    inputs, pictures = [], []
+    for path in files:
+        image = load_image(path)
+        inputs.append(transform(image))
+        rgb = show(image).clamp(0, 1)  # bicubic resizing overshoots a little
+        pictures.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return torch.stack(inputs), [None] * len(files), names, pictures
+
+
+def _file_names(files: list[Path], root: Path) -> list[str]:
+    """A file's path under the images= folder, as one name: cat/01.png -> cat_01."""
+    if root.is_file():
+        return [files[0].stem]
+    return ["_".join(f.relative_to(root).with_suffix("").parts) for f in files]
+
+
+def out_folder(source: Path) -> Path:
+    """<run>/cam for a run's checkpoint or export; else a cam/ folder beside the file."""
+    source = Path(source)
+    if source.parent.name in ("checkpoints", "export"):
+        return source.parent.parent / "cam"
+    return source.parent / "cam"
+
+
+def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
+    """The picture, then its overlay for each method, under one title; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    panels = 1 + len(cams)
+    fig, axes = plt.subplots(
+        1, panels, figsize=(PANEL_IN * panels, PANEL_IN + TITLE_IN), squeeze=False
+    )
+    axes = axes[0]
+    shown = picture.astype(np.float32) / 255.0
+    axes[0].imshow(picture, interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    for ax, (method, cam) in zip(axes[1:], cams.items(), strict=True):
+        ax.imshow(show_cam_on_image(shown, cam, use_rgb=True), interpolation="nearest")
+        ax.set_title(method, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def cam_run(
+    run: str | Path | None = None,
+    method: str = "gradcam",
+    n: int | None = None,
+    index: int = 0,
+    images: str | Path | None = None,
+    layer: str | None = None,
+    target=None,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+    grid: bool = False,
+    out: str | Path | None = None,
+    use_ema: bool = False,
+) -> list[Path]:
+    """Write CAM overlays of a trained model as PNG files (one per image); returns their paths.
+
+    run: run folder, checkpoint or .safetensors (None: the newest run under ./outputs).
+    The options are the command line's (see the module docstring).
+    """
+    from engine.predict import image_files, load_trained
+
+    methods = list(METHODS) if grid else [_method(method)]
+    trained = load_trained(run, use_ema=use_ema)
+    model, classes = trained.model, trained.classes
+    count = 1 if grid else n
+    if count is not None and count < 1:
+        raise ValueError(f"n={n} must be 1 or more")
+    if index < 0:
+        raise ValueError(f"index={index} must be 0 or more")
+    if layer is not None:
+        target_layer(model, layer)  # a bad name fails before any image is read
+    explained = None if target is None else class_index(target, classes)
+    out = Path(out) if out is not None else out_folder(trained.source)
+
+    # images are read, explained and drawn BATCH at a time: a folder of any size fits in memory
+    if images is None:
+        dataset = validation_split(trained)
+        if index >= len(dataset):
+            raise ValueError(f"index={index} is past the validation split ({len(dataset)} images)")
+        stop = min(index + (count or N_DEFAULT), len(dataset))
+        chunks = (
+            validation_samples(dataset, range(i, min(i + BATCH, stop)))
+            for i in range(index, stop, BATCH)
+        )
+    else:
+        found = image_files(images)
+        if index >= len(found):
+            raise ValueError(f"index={index}: images={str(images)!r} holds {len(found)} files")
+        files = found[index : index + count if count else None]
+        names = _file_names(files, Path(images).expanduser())
+        chunks = (
+            file_samples(trained, files[i : i + BATCH], names[i : i + BATCH])
+            for i in range(0, len(files), BATCH)
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "grid" if grid else methods[0].replace("+", "p")  # gradcam++ -> gradcampp
+    written = []
+    for inputs, labels, chunk_names, pictures in chunks:
+        targets = None if explained is None else [explained] * len(inputs)
+        layer_name, module, _ = target_layer(model, layer, inputs.shape[-2:])
+        cams = {}
+        for m in methods:
+            cams[m], probs = compute_cam(model, inputs, m, layer, targets, aug_smooth, eigen_smooth)
+        for i, name in enumerate(chunk_names):
+            pred = int(probs[i].argmax())
+            shown = pred if explained is None else explained
+            title = f"pred {classes[pred]} ({float(probs[i][pred]):.2f})"
+            title += f", true {classes[labels[i]]}" if labels[i] is not None else ""
+            title += f"\nCAM of {classes[shown]} at {layer_name} ({type(module).__name__})"
+            maps = {m: cams[m][i] for m in methods}
+            written.append(_figure(pictures[i], maps, title, out / f"{name}_{suffix}.png"))
+    return written
+
+
+def layer_table(model: nn.Module, input_size) -> list[tuple[str, str, str, bool]]:
+    """(name, type, output shape per image, is the default) of every module, for layer=...
+
+    One forward pass of zeros of `input_size` (C, H, W) records the shapes.
+    """
+    shapes: dict[str, str] = {}
+    handles = []
+    for name, module in model.named_modules():
+
+        def record(m, i, out, name=name):
+            shapes[name] = str(tuple(out.shape[1:])) if isinstance(out, torch.Tensor) else "-"
+
+        handles.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *(int(v) for v in input_size)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    default, _, _ = target_layer(model, None, tuple(input_size)[-2:])
+    return [
+        (name or "(model)", type(module).__name__, shapes.get(name, "-"), name == default)
+        for name, module in model.named_modules()
+    ]
+
+
+def print_layers(run=None, use_ema: bool = False) -> None:
+    from engine.predict import load_trained
+
+    trained = load_trained(run, use_ema=use_ema)
+    rows = layer_table(trained.model, trained.preprocess["input_size"])
+    width = max(len(r[0]) for r in rows)
+    kind = max(len(r[1]) for r in rows)
+    for name, module, shape, default in rows:
+        mark = "  <- default" if default else ""
+        print(f"{name:<{width}}  {module:<{kind}}  {shape}{mark}")
+
+
+OPTIONS = {
+    "run": str,
+    "method": str,
+    "n": int,
+    "index": int,
+    "images": str,
+    "layer": str,
+    "target": str,
+    "aug_smooth": bool,
+    "eigen_smooth": bool,
+    "grid": bool,
+    "out": str,
+    "use_ema": bool,
+    "list_layers": bool,
+}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse(args: list[str]) -> dict:
+    """key=value arguments as cam_run's keyword arguments (plus list_layers)."""
+    kwargs = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in OPTIONS:
+            close = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            hint = f"did you mean {close[0]}=...? " if close and sep else ""
+            raise ValueError(f"{arg!r}: {hint}expected key=value with key one of {list(OPTIONS)}")
+        kind = OPTIONS[key]
+        if kind is bool:
+            if value.lower() not in TRUE + FALSE:
+                raise ValueError(f"{arg!r}: {key} is true or false")
+            kwargs[key] = value.lower() in TRUE
+        elif kind is int:
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{arg!r}: {key} is a whole number") from None
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(__doc__)
+        return 0
+    try:
+        kwargs = parse(args)
+        if kwargs.pop("list_layers", False):
+            print_layers(kwargs.get("run"), kwargs.get("use_ema", False))
+            return 0
+        written = cam_run(**kwargs)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} CAM figure(s) to {written[0].parent}")
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,267 @@
+"""A trained model from what this repo writes, and top-k predictions with it.
+
+    from engine.predict import Classifier
+    classifier = Classifier.load("outputs/2026-11-22/10-00-00-000000")  # or a .pt / .safetensors
+    classifier("cat.jpg")        # [{"label": "tabby", "score": 0.91, "index": 3}, ...]
+
+A checkpoint (or an exported .safetensors file with its .json sidecar) carries the model config,
+the class names and the preprocessing, so nothing else is needed: a model trained on 7 classes
+predicts those 7 names.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+from data.images import is_image_file, load_image
+from data.transforms import file_transform
+from engine import checkpoint
+
+SIDECAR_FORMAT = "imgcls-safetensors/1"  # the "format" entry of an exported weights' .json
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint or an export, with what it needs to be used."""
+
+    model: nn.Module  # in eval mode, on the CPU
+    classes: list[str]
+    preprocess: dict  # data.transforms.file_transform's keyword arguments
+    config: dict  # the run's resolved config
+    source: Path  # the file the weights came from
+    info: dict = field(default_factory=dict)  # epoch, metrics, weights (model / ema), W&B run id
+
+    @property
+    def model_name(self) -> str:
+        return self.config["model"]["name"]
+
+
+def latest_run(root: str | Path = "outputs") -> Path:
+    """The newest run folder under `root` (outputs/<date>/<time>) with checkpoints/best.pt."""
+    runs = sorted(p.parent.parent for p in Path(root).glob("*/*/checkpoints/best.pt"))
+    if not runs:
+        raise FileNotFoundError(
+            f"no run with checkpoints/best.pt under {str(root)!r}: train one (python run.py) "
+            "or name a run folder, checkpoint or .safetensors file"
+        )
+    return runs[-1]
+
+
+def weights_file(ckpt: str | Path | None) -> Path:
+    """The file to load for `ckpt`: a run folder's checkpoints/best.pt, or the file itself.
+
+    None: the newest run under outputs/.
+    """
+    path = latest_run() if ckpt is None else Path(ckpt).expanduser()
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        if not best.is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} has no checkpoints/best.pt; give a run folder "
+                "(outputs/<date>/<time>), a checkpoint file or an exported .safetensors file"
+            )
+        return best
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; give a run folder (outputs/<date>/<time>), "
+            "a checkpoint file (.pt) or an exported .safetensors file"
+        )
+    return path
+
+
+def load_trained(ckpt: str | Path | None = None, use_ema: bool = False) -> Trained:
+    """The model of a run folder, checkpoint or exported .safetensors file, in eval mode.
+
+    use_ema: the checkpoint's EMA weights (trainer.ema_decay) instead of the trained ones.
+    Files are read with weights_only=True or safetensors: loading never runs code.
+    """
+    source = weights_file(ckpt)
+    if source.suffix == ".safetensors":
+        return _load_safetensors(source, use_ema)
+    ckpt = checkpoint.load(source)
+    if use_ema and "ema" not in ckpt:
+        raise ValueError(
+            f"use_ema=true but {str(source)!r} holds no EMA weights (the run had "
+            "trainer.ema_decay=null); leave use_ema false"
+        )
+    weights = "ema" if use_ema else "model"
+    preprocess = ckpt.get("preprocess")
+    if preprocess is None:
+        raise ValueError(
+            f"{str(source)!r} records no preprocessing (a checkpoint from before it was stored); "
+            "evaluate it with task=eval, which rebuilds the dataset from its config"
+        )
+    info = {k: ckpt.get(k) for k in ("epoch", "step", "best", "metrics", "wandb_run_id")}
+    return _build(
+        ckpt["config"],
+        ckpt["class_names"],
+        preprocess,
+        ckpt[weights],
+        ckpt.get("in_chans"),
+        source,
+        {**info, "weights": weights},
+    )
+
+
+def _load_safetensors(source: Path, use_ema: bool) -> Trained:
+    from safetensors.torch import load_file
+
+    sidecar = source.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"{str(source)!r} has no sidecar {sidecar.name} (class names, preprocessing, config); "
+            "export with task=export, or load the bare weights with model.weights=<file>"
+        )
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise ValueError(
+            f"{str(sidecar)!r} is not an export sidecar of this repo "
+            f"(format {meta.get('format')!r}, expected {SIDECAR_FORMAT!r})"
+        )
+    if use_ema and meta.get("weights") != "ema":
+        raise ValueError(
+            f"use_ema=true but {str(source)!r} holds the {meta.get('weights')} weights"
+        )
+    return _build(
+        meta["config"],
+        meta["class_names"],
+        meta["preprocess"],
+        load_file(source),
+        meta.get("in_chans"),
+        source,
+        {k: v for k, v in meta.items() if k not in ("config", "class_names", "preprocess")},
+    )
+
+
+def _build(config, classes, preprocess, state, in_chans, source, info) -> Trained:
+    from engine.build import build_model_for
+
+    if in_chans is None:
+        in_chans = int(preprocess["input_size"][0])
+    cfg = OmegaConf.create(config)
+    # the architecture only: the trained weights replace whatever model.weights pointed at
+    model = build_model_for(cfg, num_classes=len(classes), in_chans=in_chans, load_weights=False)
+    model.load_state_dict(state)
+    return Trained(model.eval(), list(classes), dict(preprocess), config, source, info)
+
+
+def image_files(inputs: str | Path) -> list[Path]:
+    """`inputs` if it is an image file; the image files under it (sorted, recursive) if a folder."""
+    path = Path(inputs).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise FileNotFoundError(f"{str(path)!r} holds no image files")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    return [path]
+
+
+class Classifier:
+    """Top-k predictions of a trained model on image files, PIL images or tensors."""
+
+    def __init__(self, trained: Trained, device: str | torch.device = "cpu", topk: int = 5):
+        self.trained = trained
+        self.device = torch.device(device)
+        self.model = trained.model.to(self.device).eval()
+        self.classes = trained.classes
+        self.transform = file_transform(**trained.preprocess)
+        self.topk = topk
+
+    @classmethod
+    def load(
+        cls,
+        ckpt: str | Path | None = None,
+        use_ema: bool = False,
+        device: str | torch.device = "cpu",
+        topk: int = 5,
+    ) -> "Classifier":
+        """From a run folder, checkpoint or exported .safetensors (None: the newest run)."""
+        return cls(load_trained(ckpt, use_ema=use_ema), device=device, topk=topk)
+
+    def to_input(self, image) -> torch.Tensor:
+        """An image file path, a PIL image, or a (C, H, W) tensor already preprocessed."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3:
+                raise ValueError(
+                    f"a tensor input is one preprocessed image (C, H, W); got {tuple(image.shape)}"
+                )
+            return image
+        if isinstance(image, str | Path):
+            image = load_image(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"cannot classify a {type(image).__name__}: give a path, PIL or tensor")
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes of a preprocessed (N, C, H, W) batch, on the CPU, float32."""
+        return self.model(batch.to(self.device)).float().softmax(-1).cpu()
+
+    def top(self, probs: torch.Tensor, topk: int | None = None) -> list[list[dict]]:
+        k = min(topk or self.topk, len(self.classes))
+        scores, indices = probs.topk(k, dim=-1)
+        return [
+            [
+                {"label": self.classes[i], "score": float(s), "index": int(i)}
+                for s, i in zip(row_scores.tolist(), row_indices.tolist(), strict=True)
+            ]
+            for row_scores, row_indices in zip(scores, indices, strict=True)
+        ]
+
+    def predict(self, images: Sequence, topk: int | None = None, batch_size: int = 32):
+        """Top-k lists of several images (paths, PIL images or tensors), in order."""
+        results = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.to_input(x) for x in images[start : start + batch_size]])
+            results += self.top(self.probabilities(batch), topk)
+        return results
+
+    def __call__(self, image, topk: int | None = None) -> list[dict]:
+        """The top-k list of one image: [{"label", "score", "index"}, ...], best first."""
+        return self.predict([image], topk)[0]
+
+
+def write_predictions(files: Sequence[Path], results: list[list[dict]], out: str | Path) -> Path:
+    """Predictions as JSON ([{"path", "predictions": [{"label", "score", "index"}, ...]}, ...])
+    or, for a .csv `out`, one row per image and rank (path, rank, label, score, index)."""
+    from engine.runinfo import atomic_write_text
+
+    out = Path(out)
+    if out.suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"task.out={str(out)!r}: write predictions to a .json or .csv file")
+    if out.suffix.lower() == ".json":
+        rows = [{"path": str(f), "predictions": r} for f, r in zip(files, results, strict=True)]
+        atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
+        return out
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "rank", "label", "score", "index"])
+    for path, result in zip(files, results, strict=True):
+        for rank, p in enumerate(result, start=1):
+            writer.writerow([str(path), rank, p["label"], f"{p['score']:.6f}", p["index"]])
+    atomic_write_text(out, text.getvalue())
+    return out
+
+
+def print_predictions(files: Sequence[Path], results: list[list[dict]]) -> None:
+    """A table: each image with its top-k labels and scores."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("image", "prediction", "score", title="predictions")
+    for path, result in zip(files, results, strict=True):
+        for rank, p in enumerate(result):
+            table.add_row(str(path) if rank == 0 else "", p["label"], f"{p['score']:.3f}")
+        table.add_section()
+    Console().print(table)

@@ -1,0 +1,20 @@
+"""Fixtures shared by test modules."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, run_py
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The folder of a real 2-epoch run on 8x8 digits (with EMA weights), made once per session.
+
+    For tools that read a finished run (eval, predict, export, serve, analysis). Treat it as
+    read-only: write anything else into the test's own tmp_path.
+    """
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    run_py(*TINY, "trainer.epochs=2", "trainer.ema_decay=0.9", "logger=none", cwd=cwd)
+    (run_dir,) = (cwd / "outputs").glob("*/*")
+    return run_dir

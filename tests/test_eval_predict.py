@@ -1,0 +1,163 @@
+"""task=eval and task=predict, and the Python API, on real runs made by the tests."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from engine.build import build_eval_data
+from engine.evaluate import evaluate_model, read_results
+from engine.predict import Classifier, load_trained
+from tests.helpers import epoch_records, records_of, run_py, summary, wandb_records, wandb_runs
+
+SEVEN = ["apple", "bus", "cloud", "daisy", "eagle", "fern", "grape"]
+
+
+def test_eval_reproduces_the_logged_validation_accuracy(tiny_run, tmp_path):
+    proc = run_py("task=eval", f"task.ckpt={tiny_run}", "task.log_misclassified=8", cwd=tmp_path)
+    (eval_dir,) = (tmp_path / "outputs").glob("*/*")
+    metrics, per_class, confusion, predictions = read_results(eval_dir / "eval")
+
+    logged = summary(tiny_run)["best/val/acc1"]
+    assert metrics["eval/acc1"] == pytest.approx(logged, abs=1e-4)
+    assert metrics["eval/images"] == 360 == len(predictions) == confusion.sum()
+    assert np.trace(confusion) / confusion.sum() * 100 == pytest.approx(logged, abs=1e-4)
+    assert [row["class"] for row in per_class] == [str(d) for d in range(10)]
+    assert sum(int(row["support"]) for row in per_class) == 360
+    first = predictions[0]
+    assert len(first["topk"]) == 5 and first["pred"] == first["topk"][0]["index"]
+    assert first["correct"] == (first["pred"] == first["target"])
+    assert "eval/acc1" in proc.stdout
+
+    # an evaluation run in W&B: job type, summary and the three tables
+    (offline,) = wandb_runs(eval_dir)
+    records = wandb_records(offline)
+    assert records_of(records, "run")[0]["job_type"] == "eval"
+    final = {}
+    for update in records_of(records, "summary"):
+        final.update(update["update"])
+    assert final["eval/acc1"] == pytest.approx(logged, abs=1e-4)
+    tables = {p.name.rsplit("_", 2)[0] for p in offline.rglob("*.table.json")}
+    assert {"per_class", "misclassified", "confusion_matrix_table"} <= tables
+    (wrong,) = offline.rglob("misclassified_*.table.json")
+    assert len(json.loads(wrong.read_text())["data"]) == min(8, 360 - np.trace(confusion))
+
+
+def test_eval_of_ema_weights_and_of_the_training_split(tiny_run):
+    best = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    trained = load_trained(tiny_run, use_ema=True)
+    cfg = OmegaConf.create(trained.config)
+    dataset, loader = build_eval_data(cfg, trained.classes, "val")
+    result = evaluate_model(trained.model, loader, trained.classes, progress=False)
+    assert result.metrics["eval/acc1"] == pytest.approx(best["metrics"]["val_ema/acc1"], abs=1e-4)
+
+    dataset, loader = build_eval_data(cfg, trained.classes, "train")
+    assert len(dataset) == 1797 - 360
+    assert len(evaluate_model(trained.model, loader, trained.classes, progress=False).targets) == (
+        1797 - 360
+    )
+
+
+def test_eval_refuses_other_classes_and_splits(tiny_run):
+    trained = load_trained(tiny_run)
+    cfg = OmegaConf.create(trained.config)
+    with pytest.raises(ValueError, match="trained on 7 classes"):
+        build_eval_data(cfg, SEVEN, "val")
+    with pytest.raises(ValueError, match=r"task\.split=.test. must be .val. or .train."):
+        build_eval_data(cfg, trained.classes, "test")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoints/best\.pt"):
+        load_trained(tiny_run / "checkpoints")
+    (tiny_run / "checkpoints" / "best.pt").stat()  # untouched
+
+
+def _seven_class_folder(root):
+    """7 classes told apart by colour, 6 images each, as real PNG files."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(len(SEVEN), 3))
+    for name, colour in zip(SEVEN, colours, strict=True):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            noise = rng.integers(-20, 20, size=(40, 48, 3))
+            pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_predict_uses_the_checkpoint_alone(tmp_path):
+    data = tmp_path / "seven"
+    _seven_class_folder(data)
+    run_py(
+        "data=imagefolder",
+        f"data.dataset.root={data}",
+        "data.dataset.val_fraction=0.34",
+        "data.transform.input_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.epochs=1",
+        "sched.warmup_epochs=0",
+        "logger=none",
+        cwd=tmp_path,
+    )
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert epoch_records(run_dir)
+    # the dataset goes away: predict needs the checkpoint and the images, nothing else
+    photos = tmp_path / "photos"
+    data.rename(photos)
+    proc = run_py(
+        "task=predict",
+        f"task.ckpt={run_dir}",
+        f"task.inputs={photos}",
+        "task.topk=3",
+        f"task.out={tmp_path / 'p.csv'}",
+        cwd=tmp_path,
+    )
+    assert "predictions" in proc.stdout
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    files = sorted(photos.rglob("*.png"))
+    assert len(rows) == 3 * len(files) == 3 * 42
+    assert {row["label"] for row in rows} <= set(SEVEN)
+
+    classifier = Classifier.load(run_dir / "checkpoints" / "best.pt", topk=3)
+    assert classifier.classes == SEVEN  # never ImageNet's 1,000
+    api = classifier.predict(files)
+    for i, path in enumerate(files):
+        ranked = [r for r in rows if r["path"] == str(path)]
+        assert [r["label"] for r in ranked] == [p["label"] for p in api[i]]
+        scores = [float(r["score"]) for r in ranked]
+        assert scores == pytest.approx([p["score"] for p in api[i]], abs=1e-5)
+    # a path, a PIL image and a preprocessed tensor give the same answer
+    image = Image.open(files[0])
+    by_path = classifier(files[0])
+    assert classifier(image) == by_path
+    tensor = classifier.transform(image)
+    assert [p["label"] for p in classifier(tensor)] == [p["label"] for p in by_path]
+    assert len(by_path) == 3 and sum(p["score"] for p in classifier(image, topk=7)) == (
+        pytest.approx(1.0, abs=1e-5)
+    )
+
+
+def test_predict_writes_json_and_refuses_bad_outputs(tiny_run, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from engine.predict import write_predictions
+
+    digits = load_digits()
+    files = []
+    for i in range(4):
+        path = tmp_path / f"digit_{digits.target[i]}.png"
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+        files.append(path)
+    classifier = Classifier.load(tiny_run)
+    results = classifier.predict(files, topk=2)
+    out = write_predictions(files, results, tmp_path / "p.json")
+    written = json.loads(out.read_text())
+    assert [r["path"] for r in written] == [str(f) for f in files]
+    assert written[0]["predictions"] == results[0] and len(results[0]) == 2
+    with pytest.raises(ValueError, match=r"a \.json or \.csv file"):
+        write_predictions(files, results, tmp_path / "p.txt")
+    with pytest.raises(TypeError, match="cannot classify a int"):
+        classifier(3)
