@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from analysis.results import most_confident, results
+from analysis.results import main, most_confident, results
 from engine.build import build_eval_data, build_model_for
 from engine.evaluate import evaluate_model, read_results, write_results
 from engine.predict import load_trained
@@ -86,15 +86,11 @@ def test_figures_of_image_files_and_the_command_line(tmp_path):
     assert "precision" in proc.stdout and "confident.png" in proc.stdout
     _, pixels = _picture(tmp_path / "job" / "eval" / "confident.png")
     assert pixels.std() > 10
-    missing = subprocess.run(
-        [sys.executable, str(REPO / "analysis" / "results.py")],
-        cwd=tmp_path / "shapes",
-        capture_output=True,
-        text=True,
-    )
-    assert missing.returncode == 1 and "run python run.py task=eval first" in missing.stderr
 
 
-def test_a_folder_that_is_not_an_evaluation(tmp_path):
+def test_no_evaluation_to_draw(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="not an evaluation folder"):
         results(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no outputs/ here
+    assert main([]) == 1
+    assert "run python run.py task=eval first" in capsys.readouterr().err
