@@ -3,6 +3,7 @@
 python run.py                                   # ResNet-18 on the bundled digits, offline
 python run.py model=convnext_base data=cifar10  # any model x any dataset
 python run.py -m optim.lr=1e-3,1e-4             # one run per value, one W&B group
+torchrun --nproc_per_node=4 run.py ...          # data-parallel: 4 processes, one run folder
 python run.py resume=outputs/<date>/<time>      # continue a run where it stopped
 python run.py task=eval task.ckpt=outputs/<date>/<time> task.split=val
 python run.py task=predict task.inputs=photo.jpg
@@ -10,6 +11,10 @@ python run.py task=export                       # ONNX + safetensors of the newe
 python run.py task=serve task.port=8000         # POST an image, get the top-k JSON back
 python run.py --cfg job                         # print the composed config, do nothing
 """
+
+import logging
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -19,20 +24,24 @@ from omegaconf import DictConfig
 
 def train(cfg: DictConfig) -> float:
     from analysis.flops import model_complexity
-    from engine import build
+    from engine import build, distributed
     from engine.console import print_config_tree, print_summary
     from engine.loop import fit, resolve_device
     from engine.rng import seed_everything
     from engine.runinfo import write_run_info
 
+    distributed.check_started()
+    main_process = distributed.is_main()  # under torchrun, rank 0 alone prints and writes
     cfg, run_dir, resume = build.resolve_run(cfg)
-    print_config_tree(cfg)
+    if main_process:
+        print_config_tree(cfg)
     seed_everything(cfg.seed)
     splits, train_loader, val_loader = build.build_data(cfg)
     model = build.build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
     optimizer = build.build_optimizer(cfg, model)
     scheduler = build.build_scheduler(cfg, optimizer, build.updates_per_epoch(cfg, train_loader))
-    write_run_info(run_dir, build.plain(cfg))
+    if main_process:
+        write_run_info(run_dir, build.plain(cfg))
 
     with build.build_logger(cfg, run_dir, resume) as logger:
         saver = build.build_saver(cfg, run_dir, splits, logger.run_id)
@@ -54,7 +63,9 @@ def train(cfg: DictConfig) -> float:
         if cfg.logger.log_best_checkpoint:
             best = {k: v for k, v in result.items() if k.startswith("best/")}
             logger.log_checkpoint(saver.best, name=f"model-{logger.run_id}", metadata=best)
-    print_summary(f"run finished: {run_dir}", {**result, "best checkpoint": saver.best})
+    if main_process:
+        print_summary(f"run finished: {run_dir}", {**result, "best checkpoint": saver.best})
+    distributed.barrier()  # the processes finish a job together (the next multirun job starts)
     return result["best/val/acc1"]
 
 
@@ -127,10 +138,38 @@ def serve(cfg: DictConfig) -> None:
 TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "serve": serve}
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    return TASKS[cfg.task.name](cfg)
+    if REPO not in sys.path:
+        # submitit starts a job as `python -m submitit.core._submit` in the launching folder;
+        # the repo's packages are found from here wherever that is
+        sys.path.insert(0, REPO)
+    try:
+        return TASKS[cfg.task.name](cfg)
+    except Exception:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Hydra keeps a failed job's exception for the end of the sweep (the stderr of
+            # `run.py -m`, far from a SLURM job's folder): write it into the job's run.log too
+            logging.getLogger("run").exception("job %s failed", HydraConfig.get().job.num)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # started by torchrun: join the process group before Hydra picks the run folder, so that
+        # all processes agree on it (engine/distributed.py)
+        from engine import distributed
+
+        sys.argv += distributed.start()
+        try:
+            main()
+        finally:
+            distributed.stop()
+    else:
+        main()

@@ -22,7 +22,7 @@ from data import Splits
 from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
-from engine import checkpoint
+from engine import checkpoint, distributed
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
 from models.timm_models import preprocessing
@@ -62,7 +62,9 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     if resume is None:
         return cfg, hydra_dir, None
     if resume == "auto":
-        found = checkpoint.find_latest(hydra_dir / "checkpoints")
+        # rank 0's pick: every process of a data-parallel run loads the same checkpoint
+        found = checkpoint.find_latest(hydra_dir / "checkpoints") if distributed.is_main() else None
+        found = distributed.from_main(found)
         if found is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
             return cfg, hydra_dir, None
@@ -143,7 +145,9 @@ def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
 
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
     splits = build_splits(cfg)
-    train_loader, val_loader = make_loaders(splits, **_loader_kwargs(cfg))
+    # data-parallel: data.batch_size images per process, this process's share of each split
+    shard = {"num_replicas": distributed.world_size(), "rank": distributed.rank()}
+    train_loader, val_loader = make_loaders(splits, **_loader_kwargs(cfg), **shard)
     return splits, train_loader, val_loader
 
 
@@ -249,6 +253,9 @@ def build_scheduler(cfg: DictConfig, optimizer, steps_per_epoch: int):
 def build_logger(
     cfg: DictConfig, run_dir: Path, resume: dict | None, job_type: str = "train"
 ) -> RunLogger:
+    """The run's logger: W&B and metrics.jsonl; one that records nothing on ranks other than 0."""
+    if not distributed.is_main():
+        return distributed.NullLogger()
     wandb_init = None
     if cfg.logger.wandb is not None:
         wandb_init = {
@@ -268,6 +275,8 @@ def build_logger(
 
 
 def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) -> CheckpointSaver:
+    if not distributed.is_main():
+        return distributed.NullSaver(run_dir / "checkpoints")  # rank 0 writes the checkpoints
     # what predict, serve and export need besides the weights: nothing else is read
     metadata = {
         "config": plain(cfg),

@@ -110,7 +110,7 @@ class CheckpointSaver:
 
     def __init__(self, folder: Path, keep_last: int = 3, metadata: dict | None = None):
         if keep_last < 0:
-            raise ValueError(f"trainer.keep_last={keep_last} must be 0 or more")
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be 0 or more")
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.metadata = metadata or {}  # config, class names, W&B run id: stored in every file

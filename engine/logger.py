@@ -112,6 +112,8 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is SystemExit and self.wandb_run:  # submitit's requeue on preemption/timeout
+            self.wandb_run.mark_preempting()
         self.close(failed=exc_type is not None)
         return False
 

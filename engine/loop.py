@@ -1,7 +1,8 @@
 """The training loop: `train_one_epoch`, `evaluate`, and `fit` which alternates them.
 
 Per-step values stay on the device and are read back (a host-device sync) only every
-`log_every` updates and at the end of an epoch.
+`log_every` updates and at the end of an epoch. Under torchrun the model is trained with
+DistributedDataParallel (engine/distributed.py) and the metrics are sums and means over processes.
 """
 
 import logging
@@ -11,17 +12,19 @@ from contextlib import nullcontext
 from itertools import islice
 
 import torch
+from rich.progress import Progress
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from data.loaders import seed_epoch
+from engine import distributed
 from engine.checkpoint import CheckpointSaver
 from engine.console import progress_bar
 from engine.logger import RunLogger
 from engine.metrics import correct_topk
-from engine.rng import get_rng_state, set_rng_state
+from engine.rng import get_rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +32,16 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto`: CUDA, else MPS, else the CPU. Under torchrun, `cuda` is this process's GPU."""
     if str(device) != "auto":
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 f"trainer.device={str(device)!r} but CUDA is not available; use auto or cpu"
             )
-        return device
+        return distributed.local_device(device)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return distributed.local_device(torch.device("cuda"))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -74,8 +78,8 @@ def train_one_epoch(
 ) -> tuple[dict, int]:
     """One pass over `loader`; returns (epoch metrics, update count after the epoch).
 
-    `mixup` (timm's Mixup) turns a batch's targets into soft targets; `ema` (timm's ModelEmaV3)
-    follows the weights after every update.
+    `model` may be wrapped in DistributedDataParallel. `mixup` (timm's Mixup) turns a batch's
+    targets into soft targets; `ema` (timm's ModelEmaV3) follows the weights after every update.
     """
     model.train()
     task = progress.add_task("train", total=num_batches, metrics="")
@@ -90,10 +94,13 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with _autocast(device, amp_dtype):
-            logits = model(images)
-            loss = criterion(logits, targets)
-        scaler.scale(loss / accum_steps).backward()
+        update = (i + 1) % accum_steps == 0 or i + 1 == num_batches
+        # data-parallel: gradients are averaged over processes once per update, in its last backward
+        with distributed.grad_sync(model, sync=update):
+            with _autocast(device, amp_dtype):
+                logits = model(images)
+                loss = criterion(logits, targets)
+            scaler.scale(loss / accum_steps).backward()
         loss = loss.detach()
         loss_sum += loss
         window_loss += loss
@@ -102,7 +109,7 @@ def train_one_epoch(
         correct += (logits.detach().argmax(1) == hard_targets).sum()
         seen += targets.shape[0]
 
-        if (i + 1) % accum_steps == 0 or i + 1 == num_batches:
+        if update:
             # the base LR this update uses (read before stepping): groups may carry an lr_scale
             group = optimizer.param_groups[0]
             lr = group["lr"] / (group.get("lr_scale") or 1.0)
@@ -115,16 +122,18 @@ def train_one_epoch(
             step += 1
             scheduler.step_update(num_updates=step)
             if ema is not None:
-                ema.update(model, step=step)
+                ema.update(distributed.unwrap(model), step=step)
             if step % log_every == 0:
-                mean_loss = (window_loss / window_batches).item()
+                mean_loss = distributed.mean_over_ranks(window_loss / window_batches).item()
                 logger.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
                 progress.update(task, metrics=f"loss {mean_loss:.4f}  lr {lr:.2e}")
                 window_loss.zero_()
                 window_batches = 0
         progress.advance(task)
     progress.remove_task(task)
-    batches = i + 1
+    counts = torch.tensor([i + 1, seen], dtype=loss_sum.dtype, device=device)
+    totals = distributed.sum_over_ranks(torch.stack([loss_sum, correct, *counts]))
+    loss_sum, correct, batches, seen = totals  # over all processes' batches
     return {"loss": (loss_sum / batches).item(), "acc1": (correct / seen).item() * 100}, step
 
 
@@ -140,7 +149,8 @@ def evaluate(
     num_batches=None,
     progress=None,
 ) -> dict:
-    """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`."""
+    """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`; data-parallel, over every
+    process's share of the data."""
     model.eval()
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
     task = progress.add_task("val", total=num_batches, metrics="") if progress else None
@@ -161,6 +171,9 @@ def evaluate(
             progress.advance(task)
     if progress:
         progress.remove_task(task)
+    seen = torch.tensor([seen], dtype=loss_sum.dtype, device=device)
+    totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
+    loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
     acc1, acc5 = (correct / seen * 100).tolist()
     return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5}
 
@@ -190,6 +203,7 @@ def fit(
     cutmix_alpha: float = 0.0,
     mixup_prob: float = 1.0,
     mixup_switch_prob: float = 0.5,
+    sync_bn: bool = False,
     num_classes: int | None = None,
     resume: dict | None = None,
 ) -> dict:
@@ -200,6 +214,10 @@ def fit(
     > 0 mix batches (timm's Mixup, soft targets; label smoothing then happens inside it).
     `resume` is a loaded checkpoint: training continues after its epoch, with its model,
     optimizer, scheduler, grad-scaler, EMA and RNG states.
+
+    Under torchrun the model trains in DistributedDataParallel (`sync_bn`: BatchNorm statistics
+    over the global batch, CUDA only); metrics cover all processes; EMA and checkpoints hold the
+    bare model, so a checkpoint loads in a single process.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r}; choose one of {list(PRECISIONS)}")
@@ -239,6 +257,9 @@ def fit(
         else min(limit_train_batches, len(train_loader))
     )
 
+    if distributed.rank() > 0:
+        # its own augmentation and mixup draws; the weights come from rank 0 (DDP broadcasts them)
+        seed_everything(seed + distributed.rank())
     start_epoch, step, best = 0, 0, {"val/acc1": -math.inf, "epoch": None}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -247,19 +268,24 @@ def fit(
         scaler.load_state_dict(resume["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume["ema"] if "ema" in resume else resume["model"])
-        set_rng_state(resume["rng"])
+        # each process continues its own random stream; one the checkpoint has none of keeps its seed
+        rng = resume.get("rng_ranks") or [resume["rng"]]
+        if distributed.rank() < len(rng):
+            set_rng_state(rng[distributed.rank()])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         log.info("resumed after epoch %d (update %d)", start_epoch, step)
     scheduler.step_update(num_updates=step)
+    net = distributed.data_parallel(model, device, sync_bn)
+    model = distributed.unwrap(net)  # what EMA follows, evaluation runs and checkpoints hold
 
     metrics: dict = {}
-    with progress_bar() as progress:
+    with progress_bar() if distributed.is_main() else Progress(disable=True) as progress:
         epoch_task = progress.add_task("epochs", total=epochs, completed=start_epoch, metrics="")
         for epoch in range(start_epoch, epochs):
             seed_epoch(train_loader, seed, epoch)
             t0 = time.perf_counter()
             train, step = train_one_epoch(
-                model,
+                net,
                 train_loader,
                 optimizer,
                 scheduler,
@@ -280,6 +306,8 @@ def fit(
             )
             train_s = time.perf_counter() - t0
             evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
+            for module in evaluated.values():
+                distributed.average_buffers(module)  # processes ran BatchNorm on their own batches
             vals = {
                 name: evaluate(
                     m,
@@ -315,7 +343,8 @@ def fit(
                     "epoch": epoch + 1,
                     "source": source,
                 }
-            saver.save(
+            rng = distributed.gather(get_rng_state())
+            saver.save(  # rank 0 saves; the others' saver does nothing
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -326,7 +355,8 @@ def fit(
                     "step": step,
                     "best": best,
                     "metrics": metrics,
-                    "rng": get_rng_state(),
+                    "rng": rng[0],
+                    **({"rng_ranks": rng} if len(rng) > 1 else {}),
                 },
                 epoch=epoch + 1,
                 is_best=is_best,

@@ -38,6 +38,7 @@ def jobs_with_lr(sweep, lr):
     return [j for j in jobs if yaml.safe_load((j / "config.yaml").read_text())["optim"]["lr"] == lr]
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_seeds_of_one_config_are_one_group_drawn_as_mean_and_band(sweep):
     runs = curves.load_runs([str(j) for j in jobs_with_lr(sweep, 1e-3)])
     assert sorted(r.config["seed"] for r in runs) == [0, 1]
@@ -50,6 +51,7 @@ def test_seeds_of_one_config_are_one_group_drawn_as_mean_and_band(sweep):
     assert "mean of 2 seeds" in legend and "min-max" in legend
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_a_multirun_folder_expands_to_its_jobs_and_each_lr_is_a_line(sweep):
     runs = curves.load_runs([sweep])
     assert len(runs) == 4
@@ -67,6 +69,7 @@ def test_a_multirun_folder_expands_to_its_jobs_and_each_lr_is_a_line(sweep):
     assert ax.get_xlabel() == "update step"
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_the_command_line_writes_a_png_of_the_expected_size(sweep, tmp_path):
     out = tmp_path / "fig.png"
     proc = subprocess.run(
@@ -85,6 +88,7 @@ def test_the_command_line_writes_a_png_of_the_expected_size(sweep, tmp_path):
         assert darkest < 100 and lightest == 255  # lines and text on a white page
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_the_offline_wandb_run_gives_the_same_series_as_metrics_jsonl(sweep):
     job = jobs_with_lr(sweep, 1e-3)[0]
     (from_jsonl,) = curves.load_runs([job])
@@ -97,6 +101,7 @@ def test_the_offline_wandb_run_gives_the_same_series_as_metrics_jsonl(sweep):
         assert from_wandb.series(key) == (steps, pytest.approx(values))
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_time_statistics_name_the_slowest_and_fastest_epoch(sweep):
     job = jobs_with_lr(sweep, 1e-4)[0]
     records = epoch_records(job)

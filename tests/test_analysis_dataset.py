@@ -215,6 +215,7 @@ def command_lines(tmp_path_factory) -> dict[str, Command]:
         command.proc.wait()
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_browse_cli_on_the_default_digits(command_lines):
     command = command_lines["browse"]
     status, stdout, stderr = command.finish()

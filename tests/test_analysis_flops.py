@@ -54,6 +54,7 @@ def test_shape_and_classes_are_options():
     assert rows["fc"]["params"] == 512 * 10 + 10
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_cli_with_defaults_prints_a_table_and_leaves_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "analysis" / "flops.py")],

@@ -4,6 +4,7 @@ import csv
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -64,6 +65,7 @@ def test_png_and_csv(tmp_path):
     assert [float(r["lr"]) for r in rows] == curve["lr"]
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_cli_writes_where_asked_and_nothing_else(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "analysis" / "lr_curve.py"), "trainer.epochs=2", "+out=c"],

@@ -229,6 +229,7 @@ for name, value in {sums!r}.items():
 
 # ~45 s on 2 CPU cores (ConvNeXt-Base is built, trained and saved, ~1 GB): the issue's own
 # command, so it stays in the default suite
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_run_py_trains_convnext_base_on_cifar10(fake_cifar, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

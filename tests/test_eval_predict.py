@@ -86,6 +86,7 @@ def _seven_class_folder(root):
             Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
 def test_predict_uses_the_checkpoint_alone(tmp_path):
     data = tmp_path / "seven"
     _seven_class_folder(data)

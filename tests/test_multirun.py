@@ -1,9 +1,20 @@
-"""`python run.py -m optim.lr=1e-3,1e-4`: one folder and one W&B run per job, one W&B group."""
+"""`python run.py -m optim.lr=1e-3,1e-4`: one folder and one W&B run per job, one W&B group.
 
+The default launcher, jobs one after another in one process; tests/test_launchers.py has the
+parallel and SLURM (submitit) launchers.
+"""
+
+import subprocess
+import sys
+
+import pytest
 import yaml
 
 from tests.helpers import (
+    RUN_PY,
     TINY,
+    clean_env,
+    epoch_records,
     records_of,
     run_py,
     wandb_config,
@@ -39,3 +50,56 @@ def test_multirun_gives_each_job_a_folder_and_a_wandb_run_in_one_group(tmp_path)
     assert lrs == [1e-3, 1e-4]
     assert len(set(ids)) == 2
     assert groups[0] and groups[0] == groups[1]
+
+
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
+def test_a_failed_job_is_marked_failed_and_the_other_jobs_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py(
+        "-m",
+        "trainer.precision=fp8,fp32",  # job 0 fails inside fit, after its W&B run has started
+        f"hydra.sweep.dir={sweep}",
+        "trainer.epochs=1",
+        *TINY,
+        cwd=tmp_path,
+        check=False,
+    )
+
+    # Hydra runs every job, then reports the first failure and exits with status 1
+    assert proc.returncode == 1
+    assert "Error executing job with overrides: ['trainer.precision=fp8'" in proc.stderr
+    assert "trainer.precision='fp8'" in proc.stderr
+    failed, done = sweep / "0", sweep / "1"
+    assert not (failed / "checkpoints").exists()
+    failed_records = wandb_records(wandb_runs(failed)[0])
+    assert records_of(failed_records, "exit")[0]["exit_code"] == 1
+
+    assert [r["epoch"] for r in epoch_records(done)] == [1]
+    assert (done / "checkpoints" / "last.pt").is_file()
+    done_records = wandb_records(wandb_runs(done)[0])
+    assert records_of(done_records, "exit")[0]["exit_code"] == 0
+    groups = {records_of(r, "run")[0]["run_group"] for r in (failed_records, done_records)}
+    assert len(groups) == 1
+
+
+def test_two_sweeps_started_together_get_their_own_folders(tmp_path):
+    # the sweep folder is made before any job runs; an unknown model in each sweep stops it
+    # right there (composing job 1 fails), so this costs two Hydra start-ups and no training
+    args = [sys.executable, str(RUN_PY), "-m", "model=resnet18,no_such_model"]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "no_such_model" in stderr, stderr
+    sweeps = sorted((tmp_path / "multirun").glob("*/*"))
+    assert len(sweeps) == 2, sweeps  # <date>/<H-M-S-microseconds>: never the same folder
+    assert all((s / "multirun.yaml").is_file() for s in sweeps)

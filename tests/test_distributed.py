@@ -1,0 +1,188 @@
+"""`torchrun --nproc_per_node=2 run.py`: data-parallel training on the CPU (gloo), checked against
+one process with the same global batch."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
+
+from data import Splits
+from data.digits import digits
+from data.loaders import ShardSampler, eval_loader, make_loaders, seed_epoch
+from engine.loop import evaluate
+from engine.predict import load_trained
+from tests.helpers import (
+    RUN_PY,
+    clean_env,
+    epoch_records,
+    read_jsonl,
+    run_py,
+    summary,
+    wandb_history,
+    wandb_records,
+    wandb_run_id,
+    wandb_runs,
+)
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+# timm's 0.4 M-parameter test ResNet (with BatchNorm) reaches ~97 % top-1 on the 16 x 16 digits
+# in 4 epochs of 22 updates
+SETTINGS = [
+    "model.name=test_resnet",
+    "trainer.epochs=4",
+    "trainer.log_every=5",
+    "trainer.ema_decay=0.9",
+    "sched.warmup_epochs=0",
+]
+BATCH = 32  # per process: 2 processes x 32 = the single process's 64
+IMAGE_SIZE = 16  # conf/data/digits.yaml
+
+
+def torchrun(*overrides: str, cwd: Path, nproc: int = 2, timeout: int = 600):
+    """run.py under torchrun, one thread per process (2 processes on a 2-core machine)."""
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(RUN_PY), *overrides],
+        cwd=cwd,
+        env=clean_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun run.py {' '.join(overrides)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(cwd, 2-process run folder, single-process run folder) of the same global batch."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    torchrun(*SETTINGS, f"data.batch_size={BATCH}", "logger.wandb.mode=offline", cwd=cwd)
+    folders = list((cwd / "outputs").glob("*/*"))
+    assert len(folders) == 1, f"both processes must write to one folder: {folders}"
+    single = cwd / "single"
+    one_process = [f"data.batch_size={2 * BATCH}", "logger=none", f"hydra.run.dir={single}"]
+    run_py(*SETTINGS, *one_process, cwd=cwd, env=clean_env(OMP_NUM_THREADS="1"))
+    return cwd, folders[0], single
+
+
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
+def test_two_processes_reach_the_accuracy_of_one_with_the_same_global_batch(runs):
+    _, ddp, single = runs
+    two, one = epoch_records(ddp), epoch_records(single)
+    assert [r["step"] for r in two] == [r["step"] for r in one]  # 22 updates an epoch in both
+    # the same images in each global batch; only BatchNorm's batch statistics differ (32 vs 64)
+    assert two[-1]["val/acc1"] == pytest.approx(one[-1]["val/acc1"], abs=1.5), (two[-1], one[-1])
+    assert two[-1]["val/acc1"] > 90
+    assert two[-1]["val/loss"] == pytest.approx(one[-1]["val/loss"], rel=0.15)
+
+
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
+def test_rank_zero_alone_writes_one_run_folder(runs):
+    cwd, ddp, _ = runs
+    assert {p.name for p in (cwd / "outputs").glob("*/*")} == {ddp.name}
+    assert (ddp / ".hydra" / "config.yaml").is_file() and (ddp / "config.yaml").is_file()
+    records = read_jsonl(ddp)
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps, "each step is recorded once"
+    assert [r["epoch"] for r in epoch_records(ddp)] == list(range(1, 5))
+    assert sum("best/val/acc1" in r.get("summary", {}) for r in records) == 1
+    log = (ddp / "run.log").read_text()
+    assert log.count("epoch 4/4") == 1, "only rank 0 writes the log file"
+
+    (offline_run,) = wandb_runs(ddp)
+    wandb = wandb_records(offline_run)
+    history = wandb_history(wandb)
+    for r in epoch_records(ddp):
+        assert history[r["step"]]["val/acc1"] == pytest.approx(r["val/acc1"])
+    last = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    assert last["wandb_run_id"] == wandb_run_id(wandb)
+    assert len(last["rng_ranks"]) == 2  # each process resumes its own random stream
+
+
+@pytest.mark.slow  # a real training subprocess: keeps the default suite under 10 minutes
+def test_checkpoint_loads_in_one_process_and_scores_what_two_processes_measured(runs):
+    _, ddp, _ = runs
+    last = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    for weights in ("model", "ema"):
+        assert not [k for k in last[weights] if k.startswith("module.")], weights
+    splits = digits(image_size=IMAGE_SIZE)
+    loader = eval_loader(splits.val, batch_size=BATCH)
+    for weights, prefix in ((False, "val"), (True, "val_ema")):
+        trained = load_trained(ddp / "checkpoints" / "last.pt", use_ema=weights)
+        one = evaluate(trained.model, loader, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+        # the 2-process numbers are sums over both halves of the validation set
+        assert one["acc1"] == pytest.approx(last["metrics"][f"{prefix}/acc1"], abs=1e-4)
+        assert one["acc5"] == pytest.approx(last["metrics"][f"{prefix}/acc5"], abs=1e-4)
+        assert one["loss"] == pytest.approx(last["metrics"][f"{prefix}/loss"], rel=1e-4)
+    assert summary(ddp)["best/val/acc1"] == max(
+        max(r["val/acc1"], r["val_ema/acc1"]) for r in epoch_records(ddp)
+    )
+
+
+def test_shards_of_the_batches_make_up_the_single_process_batches():
+    dataset = TensorDataset(torch.arange(103))
+    splits = Splits(train=dataset, val=dataset, classes=["a"], in_chans=1)
+    one, _ = make_loaders(splits, batch_size=8)
+    shards = [make_loaders(splits, batch_size=4, num_replicas=2, rank=r)[0] for r in (0, 1)]
+    for epoch in (0, 1):
+        for loader in (one, *shards):
+            seed_epoch(loader, seed=3, epoch=epoch)
+        batches = [[set(b[0].tolist()) for b in loader] for loader in shards]
+        assert [set(b[0].tolist()) for b in one] == [a | b for a, b in zip(*batches, strict=True)]
+    assert len(shards[0]) == len(shards[1]) == len(one) == 103 // 8
+
+
+def test_validation_shards_cover_every_image_once():
+    sampler = SequentialSampler(range(11))
+    shards = [list(ShardSampler(sampler, 3, r, drop_last=False)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(11))
+    assert [len(ShardSampler(sampler, 3, r, drop_last=False)) for r in range(3)] == [4, 4, 3]
+    loaders = [eval_loader(range(11), 2, num_replicas=3, rank=r) for r in range(3)]
+    assert sorted(i for loader in loaders for b in loader for i in b.tolist()) == list(range(11))
+    assert isinstance(loaders[0], DataLoader)
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun_continues_the_run(runs, tmp_path):
+    _, ddp, _ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(ddp, copy)
+    torchrun(f"resume={copy}", "trainer.epochs=5", cwd=tmp_path)
+    assert [r["epoch"] for r in epoch_records(copy)] == list(range(1, 6))
+    steps = [r["step"] for r in read_jsonl(copy) if "train/loss" in r]
+    assert steps == sorted(set(steps)), "no step may be recorded twice"
+    last = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 5 and len(last["rng_ranks"]) == 2
+    first, resumed = wandb_runs(copy)
+    assert wandb_run_id(wandb_records(resumed)) == last["wandb_run_id"]
+    assert first.name.endswith(last["wandb_run_id"])
+
+
+@pytest.mark.slow
+def test_multirun_under_torchrun_gives_each_job_one_folder(tmp_path):
+    torchrun(
+        "-m",
+        "optim.lr=1e-3,3e-3",
+        "model.name=test_resnet",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=3",
+        "sched.warmup_epochs=0",
+        f"data.batch_size={BATCH}",
+        cwd=tmp_path,
+    )
+    (sweep,) = (tmp_path / "multirun").glob("*/*")  # both processes agree on the sweep folder
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert (sweep / job / "checkpoints" / "last.pt").is_file()
+        assert len(wandb_runs(sweep / job)) == 1
+        assert [r["epoch"] for r in epoch_records(sweep / job)] == [1]
