@@ -133,6 +133,13 @@ def serve(cfg: DictConfig) -> None:
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
     )
     serve_http(classifier, host=task.host, port=task.port, topk=task.topk, max_bytes=task.max_bytes)
+    # The server has stopped cleanly. Leave without the interpreter's teardown: handler threads
+    # of idle keep-alive connections (daemons) and torch's native thread pools can race it and
+    # abort the process ("terminate called without an active exception", status -6).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "serve": serve}
