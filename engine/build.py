@@ -116,10 +116,6 @@ def _apply_overrides(saved: DictConfig, overrides: list[str], keeps: str = "a re
         OmegaConf.update(saved, key, override.value(), force_add=True)
 
 
-# groups a trained model is used with that the command line chooses, not the training run
-USE_TIME_GROUPS = ("task", "logger", "data")
-
-
 def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
     """(config, output folder) for using a trained model: eval, export checks.
 
