@@ -25,11 +25,13 @@ from omegaconf import DictConfig
 def train(cfg: DictConfig) -> float:
     from analysis.flops import model_complexity
     from engine import build, distributed
+    from engine.checks import check_config
     from engine.console import print_config_tree, print_summary
     from engine.loop import fit, resolve_device
     from engine.rng import seed_everything
     from engine.runinfo import write_run_info
 
+    check_config(cfg)  # a bad key, value or _target_ fails here, before anything is built
     distributed.check_started()
     main_process = distributed.is_main()  # under torchrun, rank 0 alone prints and writes
     cfg, run_dir, resume = build.resolve_run(cfg)
@@ -71,12 +73,14 @@ def train(cfg: DictConfig) -> float:
 
 def evaluate(cfg: DictConfig) -> float:
     from engine import build
+    from engine.checks import check_config
     from engine.console import print_summary
     from engine.evaluate import evaluate_model, write_results
     from engine.loop import resolve_device
     from engine.predict import load_trained
     from engine.runinfo import write_run_info
 
+    check_config(cfg)
     task = cfg.task
     trained = load_trained(task.ckpt, use_ema=task.use_ema)
     cfg, run_dir = build.config_for_trained(cfg, trained.config)
@@ -94,9 +98,11 @@ def evaluate(cfg: DictConfig) -> float:
 def predict(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from engine.checks import check_config
     from engine.loop import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
 
+    check_config(cfg)
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
@@ -110,9 +116,11 @@ def predict(cfg: DictConfig) -> None:
 
 def export(cfg: DictConfig) -> None:
     from engine import build
+    from engine.checks import check_config
     from engine.export import export as export_model
     from engine.predict import load_trained
 
+    check_config(cfg)
     task = cfg.task
     trained = load_trained(task.ckpt, use_ema=task.use_ema)
     run_cfg, _ = build.config_for_trained(cfg, trained.config)
@@ -124,10 +132,12 @@ def export(cfg: DictConfig) -> None:
 
 
 def serve(cfg: DictConfig) -> None:
+    from engine.checks import check_config
     from engine.loop import resolve_device
     from engine.predict import Classifier
     from engine.serve import serve as serve_http
 
+    check_config(cfg)
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)

@@ -7,7 +7,8 @@ The files are the (path, label) samples of the train and val datasets that engin
 build_splits makes (imagefolder, imagenet, annfile: anything with `.samples`), so the list is the
 one training reads. Each is read with data.images.load_image, the dataset's own reader (open,
 full decode, EXIF turn, RGB), on `+workers` threads (all CPUs; Pillow decodes without the GIL,
-and more threads than CPUs help on network file systems). The report, `+out`
+and more threads than CPUs help on network file systems). "Unreadable" is data.images.read_error:
+exactly the files that data.dataset.bad_images skips (training) or fails on. The report, `+out`
 (verify_report.txt), has one `<path><TAB><error>` line per unreadable file, sorted by path
 (empty when all load): `cut -f1 verify_report.txt` lists them. Exit status 1 when any file is
 unreadable, 0 otherwise. Datasets held in memory (digits, mnist5k, CIFAR, MNIST) have no image
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from analysis.cli import no_run_folder
-from data.images import load_image
+from data.images import read_error
 
 BATCH = 64  # files per task: progress moves in these steps, and ImageNet makes 20,000 tasks
 
@@ -64,18 +65,8 @@ def image_files(datasets: Sequence[Dataset]) -> tuple[list[str], list[str]]:
     return list(paths), sorted(set(in_memory))
 
 
-def check_image(path: str) -> str | None:
-    """None when `path` decodes as training would read it, else the error as one line."""
-    try:
-        load_image(path)
-    except Exception as err:  # a verifier reports whatever a decoder raises, not only OSError
-        cause = err.__cause__ or err  # load_image re-raises OSError with the path in front
-        return f"{type(cause).__name__}: {cause}".replace("\n", " ")
-    return None
-
-
 def _check_batch(paths: list[str]) -> list[tuple[str, str]]:
-    return [(p, error) for p in paths if (error := check_image(p)) is not None]
+    return [(p, error) for p in paths if (error := read_error(p)) is not None]
 
 
 def scan(paths: Sequence[str], workers: int | None = None, progress: bool = False):

@@ -3,14 +3,20 @@
 An annotation file holds one `relative/path.jpg label` line per image: the path relative to the
 data root, the label an integer index into the class list. Blank lines and lines starting with
 `#` are skipped; a path may contain spaces (the label is the last field).
+
+A listed path must stay inside the data root: an absolute path, a `..` that climbs out of it,
+or a symbolic link (the file or a folder on its way) that resolves outside it is an error naming
+the annotation file and line. A dataset assembled from links into a shared store is refused for
+that reason: point `root` at the store, or list the files relative to it.
 """
 
 import os
+import stat
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from data.images import image_file_splits
+from data.images import BAD_IMAGES, image_file_splits
 from data.splits import Splits, stratified_split
 
 
@@ -21,6 +27,7 @@ def annfile(
     classes: str | Sequence[str] = "classes.txt",
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    bad_images: str | Mapping[str, str] = BAD_IMAGES,
     *,
     train_transform: Callable,
     eval_transform: Callable,
@@ -29,7 +36,8 @@ def annfile(
 
     `classes`: a file with one class name per line (relative to `root`), or the names
     themselves. `val_ann=None`: a stratified `val_fraction` of `train_ann`, fixed by
-    `split_seed`, is held out for validation.
+    `split_seed`, is held out for validation. `bad_images`: what an unreadable file does, per
+    split (data.images.bad_image_policies).
     """
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
@@ -46,11 +54,17 @@ def annfile(
         train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
     else:
         val = read_annotations(_file(root_path, val_ann, "val_ann"), root_path, names)
-    return image_file_splits(train, val, names, train_transform, eval_transform)
+    return image_file_splits(train, val, names, train_transform, eval_transform, bad_images)
 
 
 def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(image path, label) of every line of annotation file `path`; errors name file and line."""
+    """(image path, label) of every line of annotation file `path`; errors name file and line.
+
+    Every path must lead to a file inside `root`, through symbolic links too (see the module).
+    """
+    real_root = os.path.realpath(root)
+    inside = os.path.join(real_root, "")  # what a path inside starts with (trailing separator)
+    real_folders: dict[str, str] = {}  # one realpath per folder, not per file: ImageNet has 1.3M
     samples, missing = [], []
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.strip()
@@ -78,12 +92,21 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
         if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
             raise ValueError(
                 f"{where}: {relative!r} leaves the data root {root}; paths must be relative "
-                "to data.dataset.root and stay inside it (no leading '/' or '../')"
+                "to data.dataset.root and stay inside it (no leading '/' or '../'). Move the "
+                "image under the root, or point data.dataset.root at a folder that holds it"
             )
-        image = root / normal
-        if not image.is_file():
-            missing.append(str(image))
-        samples.append((str(image), label))
+        image = os.path.join(root, normal)
+        real, is_file = _resolve(image, real_folders)
+        if not (real + os.sep).startswith(inside):
+            raise ValueError(
+                f"{where}: {relative!r} is a symbolic link, or lies under one, that leads to "
+                f"{real}, outside the data root {real_root}; images must stay inside "
+                "data.dataset.root. Copy the image into the root in place of the link, or "
+                "point data.dataset.root at a folder that holds the images themselves"
+            )
+        if not is_file:
+            missing.append(image)
+        samples.append((image, label))
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -95,6 +118,23 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
     if not samples:
         raise ValueError(f"{path} lists no images; expected '<relative/path.jpg> <label>' lines")
     return samples
+
+
+def _resolve(path: str, real_folders: dict[str, str]) -> tuple[str, bool]:
+    """(os.path.realpath(path), whether it is a file), in one lstat where `path` is no link:
+    each folder is resolved once (cached in `real_folders`)."""
+    folder, name = os.path.split(path)
+    if folder not in real_folders:
+        real_folders[folder] = os.path.realpath(folder)
+    real = os.path.join(real_folders[folder], name)
+    try:
+        mode = os.lstat(real).st_mode
+    except OSError:  # missing: listed as such by the caller
+        return real, False
+    if stat.S_ISLNK(mode):
+        real = os.path.realpath(real)
+        return real, os.path.isfile(real)
+    return real, stat.S_ISREG(mode)
 
 
 def _class_names(root: Path, classes: str | Sequence[str]) -> list[str]:

@@ -1,13 +1,14 @@
 """CIFAR-10 / CIFAR-100 in torchvision's format, downloaded when the machine is online."""
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from torchvision import datasets
 
 from data.splits import Splits
 from data.torchvision_files import read_pair, with_transform
-from data.transforms import small_image_preprocess, small_image_transforms
+from data.transforms import small_image_preprocess, small_image_tensors, small_image_transforms
 
 # per-channel statistics of the training images (0..1 scale)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -75,6 +76,9 @@ def _cifar(
             "batch files)"
         ),
     )
+    tensors = None  # the model's pipeline cannot run on whole tensors
+    if preprocess is not None:
+        tensors = partial(small_image_tensors, train, val, image_size, mean, std, augment)
     return Splits(
         train=train,
         val=val,
@@ -82,4 +86,5 @@ def _cifar(
         in_chans=3,
         train_eval=with_transform(train, eval_transform),
         preprocess=preprocess,
+        tensors=tensors,
     )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from data.splits import Splits, stratified_split
+from data.splits import Splits, TensorData, stratified_split
 from data.transforms import small_image_preprocess
 
 
@@ -48,7 +48,16 @@ def _tensor_splits(images, labels, classes, image_size, val_fraction, split_seed
     train_idx, val_idx = stratified_split(labels.tolist(), val_fraction, split_seed, classes)
     train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
     mean, std = images[train_idx].mean(), images[train_idx].std()
+    raw = images
     images = (images - mean) / std
+
+    def tensors() -> TensorData:
+        # before normalisation (0..1), which the device loader applies per batch; no
+        # augmentation of its own (data.device_augment can add some)
+        stats = {"mean": (float(mean),), "std": (float(std),)}
+        by_split = (raw[train_idx], labels[train_idx], raw[val_idx], labels[val_idx])
+        return TensorData(*by_split, **stats)
+
     return Splits(
         train=TensorDataset(images[train_idx], labels[train_idx]),
         val=TensorDataset(images[val_idx], labels[val_idx]),
@@ -56,4 +65,5 @@ def _tensor_splits(images, labels, classes, image_size, val_fraction, split_seed
         in_chans=1,
         # an image file of a digit (light on dark, any size) as the model saw the training set
         preprocess=small_image_preprocess(image_size, (float(mean),), (float(std),), "bilinear"),
+        tensors=tensors,
     )

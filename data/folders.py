@@ -1,10 +1,10 @@
 """Folders of images: one sub-folder per class (`imagefolder`), and ImageNet's layout (`imagenet`)."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from data.images import IMAGE_EXTENSIONS, image_file_splits, is_image_file
+from data.images import BAD_IMAGES, IMAGE_EXTENSIONS, image_file_splits, is_image_file
 from data.splits import Splits, stratified_split
 
 LAYOUT = "<root>/<class>/<image> (split by val_fraction) or <root>/{train,val}/<class>/<image>"
@@ -16,6 +16,7 @@ def imagefolder(
     val_dir: str = "val",
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    bad_images: str | Mapping[str, str] = BAD_IMAGES,
     *,
     train_transform: Callable,
     eval_transform: Callable,
@@ -26,22 +27,26 @@ def imagefolder(
     `root`/`train_dir`/<class>/ and validation images from `root`/`val_dir`/<class>/.
     Otherwise `root`/<class>/ holds all images and a stratified `val_fraction` of each class,
     fixed by `split_seed`, is held out for validation. Images in nested folders count too.
+    `bad_images`: what an unreadable file does, per split (data.images.bad_image_policies).
     """
     root_path = _existing_folder(root, "data.dataset.root", LAYOUT)
     if (root_path / train_dir).is_dir():
-        return _split_folders(root_path, train_dir, val_dir, train_transform, eval_transform)
+        return _split_folders(
+            root_path, train_dir, val_dir, train_transform, eval_transform, bad_images
+        )
     classes, samples = scan_class_folders(root_path, "data.dataset.root")
     train_idx, val_idx = stratified_split(
         [label for _, label in samples], val_fraction, split_seed, classes
     )
     train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-    return image_file_splits(train, val, classes, train_transform, eval_transform)
+    return image_file_splits(train, val, classes, train_transform, eval_transform, bad_images)
 
 
 def imagenet(
     root: str,
     train_dir: str = "train",
     val_dir: str = "val",
+    bad_images: str | Mapping[str, str] = BAD_IMAGES,
     *,
     train_transform: Callable,
     eval_transform: Callable,
@@ -50,6 +55,7 @@ def imagenet(
 
     Class names are the synsets' descriptions ('tabby, tabby cat') for WordNet ids that timm
     knows (ImageNet-1k), the folder name otherwise; a subset of the classes works as well.
+    `bad_images`: what an unreadable file does, per split (data.images.bad_image_policies).
     """
     root_path = _existing_folder(
         root, "data.dataset.root", "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG"
@@ -61,7 +67,9 @@ def imagenet(
             "folder per class, val/<wnid>/ as in train/ (the layout torchvision's ImageNet "
             "and timm read). Sort them with the ground-truth labels of the ILSVRC2012 devkit"
         )
-    splits = _split_folders(root_path, train_dir, val_dir, train_transform, eval_transform)
+    splits = _split_folders(
+        root_path, train_dir, val_dir, train_transform, eval_transform, bad_images
+    )
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -72,7 +80,7 @@ def imagenet(
     return splits
 
 
-def _split_folders(root, train_dir, val_dir, train_transform, eval_transform) -> Splits:
+def _split_folders(root, train_dir, val_dir, train_transform, eval_transform, bad_images) -> Splits:
     train_root, val_root = root / train_dir, root / val_dir
     if not val_root.is_dir():
         raise FileNotFoundError(
@@ -82,7 +90,9 @@ def _split_folders(root, train_dir, val_dir, train_transform, eval_transform) ->
         )
     classes, train_samples = scan_class_folders(train_root, "data.dataset.train_dir")
     _, val_samples = scan_class_folders(val_root, "data.dataset.val_dir", classes=classes)
-    return image_file_splits(train_samples, val_samples, classes, train_transform, eval_transform)
+    return image_file_splits(
+        train_samples, val_samples, classes, train_transform, eval_transform, bad_images
+    )
 
 
 def scan_class_folders(

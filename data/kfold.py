@@ -3,7 +3,6 @@
 import logging
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from data.splits import LabelledSubset, Splits, labels_of
 
@@ -52,5 +51,7 @@ def fold_indices(
             num_folds,
             smallest,
         )
+    from sklearn.model_selection import StratifiedKFold  # here: ~2 s of start-up otherwise
+
     folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=fold_seed)
     return list(folds.split(np.zeros(len(labels)), labels))[fold]

@@ -1,12 +1,14 @@
 """DataLoaders for a `Splits`, with a per-epoch seed so a resumed run sees the same batches."""
 
 import random
+from collections.abc import Mapping
 from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
+from data.device_loader import DeviceLoader, device_loaders
 from data.splits import Splits
 
 
@@ -18,7 +20,10 @@ def make_loaders(
     eval_batch_size: int | None = None,
     num_replicas: int = 1,
     rank: int = 0,
-) -> tuple[DataLoader, DataLoader]:
+    on_device: bool = False,
+    device_augment: Mapping | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[DataLoader | DeviceLoader, DataLoader | DeviceLoader]:
     """Train loader (shuffled, last partial batch dropped) and val loader (in order).
 
     The train loader shuffles with its own generator; call `seed_epoch(loader, seed, epoch)`
@@ -28,6 +33,11 @@ def make_loaders(
     process takes every num_replicas-th image of the one shuffled order, so the processes'
     batches together are the batch one process would draw with num_replicas x batch_size; the
     val images are split among the processes, each exactly once.
+
+    on_device: the small datasets (digits, MNIST, CIFAR, ...) held whole on `device` (the
+    training device), batches cut, augmented and normalised there (data/device_loader.py);
+    num_workers and pin_memory do not apply. device_augment: its training augmentation,
+    {pad, flip}; None or a key left out: the dataset's own.
     """
     if batch_size < 1:
         raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
@@ -35,6 +45,14 @@ def make_loaders(
         raise ValueError(
             f"data.batch_size={batch_size} x {num_replicas} processes is larger than the "
             f"training set ({len(splits.train)} images); lower data.batch_size"
+        )
+    if on_device:
+        shard = {"num_replicas": num_replicas, "rank": rank}
+        return device_loaders(splits, batch_size, device, device_augment, eval_batch_size, **shard)
+    if device_augment is not None:
+        raise ValueError(
+            f"data.device_augment={dict(device_augment)} is the augmentation of "
+            "data.on_device=true; turn that on, or set data.device_augment=null"
         )
     common = _worker_kwargs(num_workers, pin_memory)
     generator = torch.Generator()
@@ -48,7 +66,7 @@ def make_loaders(
     train = DataLoader(
         splits.train,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SkipSampler(sampler),  # a mid-epoch resume starts its first pass further on
         drop_last=True,
         generator=generator,
         **common,
@@ -107,6 +125,42 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, total, self.num_replicas))
 
 
+class SkipSampler(Sampler[int]):
+    """`sampler`'s order, its next pass starting `skip` indices in (then back to 0).
+
+    The order is drawn in full (the generator advances as in a pass from the start), so the
+    rest is exactly what a whole pass would have given from there.
+    """
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self):
+        start, self.skip = self.skip, 0
+        return iter(list(self.sampler)[start:])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def skip_batches(loader, count: int) -> None:
+    """Make `loader`'s next pass start at batch `count` of its epoch (a mid-epoch resume).
+
+    Call after `seed_epoch`. The skipped batches are not read. Exact for num_workers=0 and
+    data.on_device: with workers, each batch's augmentation draws depend on which worker
+    reads it, and the workers' shares start over.
+    """
+    if isinstance(loader, DeviceLoader):
+        loader.skip_batches = count
+    elif isinstance(getattr(loader, "sampler", None), SkipSampler):
+        loader.sampler.skip = count * loader.batch_size
+    else:
+        raise ValueError(
+            f"{type(loader).__name__} cannot start mid-epoch; resume from an end-of-epoch "
+            "checkpoint (epoch_NNNN.pt)"
+        )
+
+
 def _seed_worker(rank: int, worker_id: int) -> None:
     # torch seeds worker i with base + i, the base drawn from the loader's generator
     seed = torch.initial_seed() + rank * 1_000_003
@@ -123,6 +177,6 @@ def _worker_kwargs(num_workers: int, pin_memory: bool) -> dict:
     }
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Fix the shuffle order and worker seeds of `epoch`."""
+def seed_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int) -> None:
+    """Fix the shuffle order and worker seeds (a DeviceLoader: crops and flips) of `epoch`."""
     loader.generator.manual_seed(seed * 100_003 + epoch)

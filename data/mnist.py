@@ -1,13 +1,14 @@
 """MNIST and Fashion-MNIST in torchvision's format, downloaded when the machine is online."""
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from torchvision import datasets
 
 from data.splits import Splits
 from data.torchvision_files import read_pair, with_transform
-from data.transforms import small_image_preprocess, small_image_transforms
+from data.transforms import small_image_preprocess, small_image_tensors, small_image_transforms
 
 # statistics of the training images (0..1 scale), one grayscale channel
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -66,10 +67,10 @@ def _mnist(
         raise ValueError("give both train_transform and eval_transform, or neither")
     in_chans = 3  # the model's pipeline makes RGB
     preprocess = None  # the model's pipeline: engine.build.build_data records its keys
+    own = {"native_size": 28, "hflip": hflip}  # the options of the small-image pipeline
     if train_transform is None:
         in_chans = 1
         preprocess = small_image_preprocess(image_size, mean, std)
-        own = {"native_size": 28, "hflip": hflip}
         train_transform = small_image_transforms(
             image_size, mean, std, train=True, augment=augment, **own
         )
@@ -87,6 +88,9 @@ def _mnist(
         source=cls.mirrors[0],
         expected=f"the files {files} (the .gz downloads, extracted)",
     )
+    tensors = None  # the model's pipeline cannot run on whole tensors
+    if preprocess is not None:
+        tensors = partial(small_image_tensors, train, val, image_size, mean, std, augment, **own)
     return Splits(
         train=train,
         val=val,
@@ -94,4 +98,5 @@ def _mnist(
         in_chans=in_chans,
         train_eval=with_transform(train, eval_transform),
         preprocess=preprocess,
+        tensors=tensors,
     )

@@ -1,10 +1,31 @@
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+
+@dataclass
+class TensorData:
+    """A dataset's two splits as whole tensors: what data.device_loader keeps on the device.
+
+    Images are (N, C, H, W) before normalisation: uint8 on the 0..255 scale, or float on the
+    0..1 scale. The loader normalises each batch with `mean` and `std` (per channel, 0..1
+    scale) as ToTensor + Normalize do, so it yields the regular loader's values.
+    `pad` and `flip` are the dataset's own training augmentation (a random crop after `pad`
+    px of zero padding, 0: none; a random horizontal flip), the default of data.device_augment.
+    """
+
+    train_images: torch.Tensor
+    train_targets: torch.Tensor  # (N,) int64
+    val_images: torch.Tensor
+    val_targets: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int = 0
+    flip: bool = False
 
 
 @dataclass
@@ -22,6 +43,10 @@ class Splits:
     # data.transforms.file_transform (input_size (C, H, W), mean, std, interpolation, crop_pct).
     # Stored in checkpoints, so predict / serve / export need nothing but the checkpoint.
     preprocess: dict | None = None
+    # the splits as whole tensors, for data.on_device (data/device_loader.py); made on request,
+    # since they may cost a copy. None: not a small tensor dataset (image files, the model's
+    # pipeline from data.transform, a k-fold split).
+    tensors: Callable[[], TensorData] | None = None
 
 
 class LabelledSubset(Subset):
@@ -60,6 +85,9 @@ def stratified_split(
             f"classes {names} have a single image; a stratified train/val split needs at least "
             "two per class. Add images, or give separate train and val data"
         )
+    # imported here: scikit-learn costs ~2 s of start-up that most runs never need
+    from sklearn.model_selection import train_test_split
+
     try:
         train_idx, val_idx = train_test_split(
             np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed

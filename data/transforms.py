@@ -2,10 +2,14 @@
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import torch
+from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms as T
 
 from data.images import to_gray, to_rgb
+from data.splits import TensorData
 
 # timm's policy names are passed through; this one is torchvision's (timm has no TrivialAugment)
 TRIVIAL_AUGMENT = "trivialaugment"
@@ -60,8 +64,21 @@ def image_transforms(
         mode = "bilinear" if interpolation == "random" else interpolation
         wide = T.TrivialAugmentWide(interpolation=T.InterpolationMode(mode))
         train = T.Compose([*crop_flip.transforms, wide, *finish.transforms])
+    _keep_a_posterize_bit(train)
     evaluate = file_transform(**photo_preprocess(size, mean, std, interpolation, crop_pct))
     return T.Compose([to_rgb, train]), evaluate
+
+
+def _keep_a_posterize_bit(transform) -> None:
+    """timm's increasing posterize keeps 4 - 4 x magnitude / 10 bits: 0 at magnitude 10, which
+    'rand-m9-mstd0.5-inc1' reaches in a few draws per thousand. Pillow >= 10 refuses 0 bits
+    (ValueError mid-epoch) where it once made the image black; keep at least 1 (nearly so)."""
+    for op in getattr(transform, "ops", None) or []:  # timm's RandAugment
+        if getattr(op, "name", None) == "PosterizeIncreasing":
+            level_fn = op.level_fn
+            op.level_fn = lambda level, hparams, f=level_fn: (max(1, f(level, hparams)[0]),)
+    for inner in getattr(transform, "transforms", []):
+        _keep_a_posterize_bit(inner)
 
 
 def file_transform(
@@ -139,11 +156,58 @@ def small_image_transforms(
     `hflip`, a horizontal flip. For CIFAR (32 px) and MNIST (28 px) style images."""
     steps: list = []
     if train and augment:
-        steps.append(T.RandomCrop(image_size, padding=image_size // 8))
+        steps.append(T.RandomCrop(image_size, padding=_crop_padding(image_size)))
         if hflip:
             steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if image_size != native_size:
         # resizing first keeps the crop padding in the target's scale
-        steps.insert(0, T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC))
+        steps.insert(0, _resize(image_size))
     return T.Compose(steps)
+
+
+def small_image_tensors(
+    train,
+    val,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool,
+    native_size: int = 32,
+    hflip: bool = True,
+) -> TensorData:
+    """`small_image_transforms` as whole tensors, for the device loader (data/device_loader.py).
+
+    `train`, `val`: torchvision datasets whose `data` holds every image as uint8 (N, H, W) or
+    (N, H, W, C). The images stay uint8, resized as the pipeline resizes them (PIL, bicubic;
+    done once here, ~10 s for 50,000 images), with the pipeline's training augmentation.
+    """
+
+    def images(dataset) -> torch.Tensor:
+        array = np.asarray(dataset.data)
+        if image_size != native_size:
+            array = np.stack([np.asarray(_resize(image_size)(Image.fromarray(a))) for a in array])
+        pixels = torch.from_numpy(array)
+        return pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+
+    def targets(dataset) -> torch.Tensor:
+        return torch.as_tensor(dataset.targets, dtype=torch.long)
+
+    return TensorData(
+        train_images=images(train),
+        train_targets=targets(train),
+        val_images=images(val),
+        val_targets=targets(val),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        pad=_crop_padding(image_size) if augment else 0,
+        flip=augment and hflip,
+    )
+
+
+def _crop_padding(image_size: int) -> int:
+    return image_size // 8  # 4 px for CIFAR's 32, 3 for MNIST's 28
+
+
+def _resize(image_size: int) -> T.Resize:
+    return T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC)

@@ -22,9 +22,10 @@ from data import Splits
 from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
-from engine import checkpoint, distributed
+from engine import checkpoint, checks, distributed
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
+from engine.loop import resolve_device
 from models.timm_models import preprocessing
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ def build(node: DictConfig, *args, **kwargs):
     """hydra.utils.instantiate, raising our builders' own errors as they were written.
 
     models/, data/ and engine/ name the bad key and its fix; Hydra's wrapper would print that
-    message as a repr with escaped quotes inside its own.
+    message as a repr with escaped quotes inside its own. Every `_target_` in `node` is checked
+    against the allow-list first (engine/checks.py): a config read from a checkpoint or sidecar
+    file cannot make this call anything else.
     """
+    checks.check_targets(node)
     try:
         return instantiate(node, *args, **kwargs)
     except InstantiationException as err:
@@ -85,15 +89,23 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
             "(<run folder>/checkpoints/last.pt), a run folder (outputs/<date>/<time>) or auto"
         )
     state = _load_for_resume(path)
+    checks.check_saved_config(state["config"], path)
     saved = OmegaConf.create(state["config"])
     _apply_overrides(saved, HydraConfig.get().overrides.task)
     saved.resume = str(path)
+    checks.check_config(saved)  # the checkpoint's config is a file's content: check it as well
     log.info("resuming %s: the run continues in %s", path, path.parent.parent)
     return saved, path.parent.parent, state
 
 
 def _load_for_resume(path: Path) -> dict:
-    state = checkpoint.load(path)
+    try:
+        state = checkpoint.load(path)
+    except ValueError as err:
+        raise ValueError(
+            f"resume: {err}. Give a checkpoint of this repo "
+            "(<run folder>/checkpoints/last.pt), a run folder (outputs/<date>/<time>) or auto"
+        ) from err
     if "optimizer" not in state:
         raise ValueError(
             f"{str(path)!r} holds weights only (no training state) and cannot be resumed"
@@ -136,6 +148,7 @@ def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
         if o.key_or_group.split(".")[0] not in ("task", "logger") and o.key_or_group != "data"
     ]
     _apply_overrides(run_cfg, plain_overrides, keeps="a trained model")
+    checks.check_targets(run_cfg)  # the saved config is a file's content: nothing built yet
     return run_cfg, Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -143,7 +156,10 @@ def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
     splits = build_splits(cfg)
     # data-parallel: data.batch_size images per process, this process's share of each split
     shard = {"num_replicas": distributed.world_size(), "rank": distributed.rank()}
-    train_loader, val_loader = make_loaders(splits, **_loader_kwargs(cfg), **shard)
+    kwargs = _loader_kwargs(cfg, training=True)
+    if kwargs.get("on_device"):
+        kwargs["device"] = resolve_device(cfg.trainer.device)  # where the model trains
+    train_loader, val_loader = make_loaders(splits, **kwargs, **shard)
     return splits, train_loader, val_loader
 
 
@@ -167,9 +183,17 @@ def build_splits(cfg: DictConfig) -> Splits:
     return splits
 
 
-def _loader_kwargs(cfg: DictConfig) -> dict:
+def _loader_kwargs(cfg: DictConfig, training: bool = False) -> dict:
+    """cfg.data's keys for make_loaders (training) or eval_loader (data.on_device and
+    data.device_augment are for training runs: evaluation reads the regular way)."""
     not_loader = ("dataset", "transform", "fold", "num_folds", "fold_seed")
-    return {k: v for k, v in cfg.data.items() if k not in not_loader}
+    if not training:
+        not_loader += ("on_device", "device_augment")
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+        for k, v in cfg.data.items()
+        if k not in not_loader
+    }
 
 
 def build_eval_data(cfg: DictConfig, classes: list[str], split: str = "val"):

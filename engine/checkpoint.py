@@ -1,15 +1,22 @@
-"""Checkpoints: atomic writes, `last` / `best` / the last N, and loading with weights_only=True.
+"""Checkpoints: atomic writes, checksums, `last` / `best` / the last N, weights_only loading.
 
 Layout of <run folder>/checkpoints/:
-    epoch_0007.pt   one file per saved epoch; the newest `keep_last` are kept
-    last.pt         hard link to the newest epoch file
-    best.pt         hard link to the epoch file with the best validation metric
+    epoch_0007.pt               after 7 epochs; the newest `keep_last` are kept
+    epoch_0007_batch_000400.pt  mid-epoch (trainer.checkpoint_every_updates, or a stop signal):
+                                after 7 epochs and 400 batches of the 8th; removed once a newer
+                                epoch file is complete
+    last.pt                     hard link to the newest of them
+    best.pt                     hard link to the epoch file with the best validation metric
 
 Every file appears under its final name only once it is complete (write to a temporary name,
 fsync, rename), and an old file is removed only after its successor is in place, so a crash or
-a full disk during a save leaves the previous checkpoints as they were.
+a full disk during a save leaves the previous checkpoints as they were. Temporary files left by
+a killed process are removed when the next run starts. Each file carries a SHA-256 of its
+content: a truncated or bit-flipped file is reported and skipped by `find_latest`.
 """
 
+import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -17,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = re.compile(r"epoch_(\d+)(?:_batch_(\d+))?\.pt")
+FORMAT_VERSION = 2  # 2: a content checksum, mid-epoch files
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -64,14 +73,66 @@ def _atomic_link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def content_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes, every value.
+
+    Computed over the loaded objects, not the file, so it checks what a load hands back; a
+    flipped bit in a tensor or in the pickled values changes it.
+    """
+    digest = hashlib.sha256()
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                walk(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                walk(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
+def non_finite_entries(state: dict, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    found = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                found.append(name)
+        elif isinstance(value, dict):
+            found += non_finite_entries(value, f"{name}.")
+    return found
+
+
 def load(path: str | Path) -> dict:
-    """Load a checkpoint of this repo on the CPU; never runs code from the file."""
+    """Load a checkpoint of this repo on the CPU; never runs code from the file.
+
+    A file whose content does not match its stored checksum raises ValueError (damaged).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        code = _pickled_code(path)
+        if code:
+            raise ValueError(
+                f"{str(path)!r} holds pickled Python objects besides tensors ({', '.join(code)}); "
+                "refused: loading it could run code. Checkpoints of this repo hold tensors and "
+                "plain values only"
+            ) from err
         raise ValueError(
             f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})"
         ) from err
@@ -80,54 +141,128 @@ def load(path: str | Path) -> dict:
             f"{str(path)!r} is not a checkpoint of this repo (no 'model' and 'config' entries); "
             "for plain weights use model.weights=... instead of resume=..."
         )
+    stored = ckpt.pop("checksum", None)
+    if stored is not None and stored != content_digest(ckpt):
+        raise ValueError(
+            f"{str(path)!r} is damaged: its content does not match the checksum saved with it "
+            "(a bit flipped on disk or in transfer); resume from an earlier checkpoint"
+        )
     return ckpt
 
 
-def epoch_files(folder: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of the epoch checkpoints in `folder`, oldest first."""
+def checkpoint_name(epoch: int, batches: int | None = None) -> str:
+    """epoch_0007.pt after 7 epochs; epoch_0007_batch_000400.pt 400 batches into the 8th."""
+    return (
+        f"epoch_{epoch:04d}.pt" if batches is None else f"epoch_{epoch:04d}_batch_{batches:06d}.pt"
+    )
+
+
+def checkpoint_files(folder: Path) -> list[tuple[tuple[int, int], Path]]:
+    """((epochs done, batches into the next), path) of the checkpoints in `folder`, oldest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.fullmatch(p.name))]
+    found = []
+    for path in folder.iterdir():
+        if m := CHECKPOINT_FILE.fullmatch(path.name):
+            found.append(((int(m.group(1)), int(m.group(2) or -1)), path))
     return sorted(found)
 
 
+def _pickled_code(path: Path) -> list[str]:
+    """The Python names (beyond tensors) a torch.save file's pickle calls, read without running it."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint (truncated, text): no names to report
+        return []
+
+
+def epoch_files(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of the end-of-epoch checkpoints in `folder`, oldest first."""
+    return [(epoch, p) for (epoch, batches), p in checkpoint_files(folder) if batches < 0]
+
+
 def find_latest(folder: Path) -> Path | None:
-    """The newest checkpoint in `folder` that loads, or None when there is none."""
-    candidates = [folder / "last.pt"] + [p for _, p in reversed(epoch_files(folder))]
+    """The newest checkpoint in `folder` that loads and matches its checksum, or None.
+
+    A damaged file is reported (a warning naming it and why) and the one before it is tried.
+    """
+    candidates = [folder / "last.pt"] + [p for _, p in reversed(checkpoint_files(folder))]
     for path in candidates:
         if not path.is_file():
             continue
         try:
             load(path)
-        except ValueError:
+        except ValueError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
             continue  # a damaged file: fall back to the one before
         return path
     return None
 
 
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Delete the partial files that a process killed during a save left in `folder`."""
+    if not folder.is_dir():
+        return []
+    leftovers = [p for p in folder.iterdir() if p.name.startswith(".") and p.suffix == ".tmp"]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+        log.warning("removed %s, left by a save that did not finish", path)
+    return leftovers
+
+
 class CheckpointSaver:
-    """Saves the training state each epoch and keeps `last`, `best` and the last `keep_last`."""
+    """Saves the training state and keeps `last`, `best` and the last `keep_last` epochs.
+
+    Creating one removes the temporary files of an interrupted save in its folder.
+    """
 
     def __init__(self, folder: Path, keep_last: int = 3, metadata: dict | None = None):
-        if keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last={keep_last} must be 0 or more")
+        if not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={keep_last!r} must be an integer, 0 or more")
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.metadata = metadata or {}  # config, class names, W&B run id: stored in every file
+        remove_temporary_files(self.folder)
 
-    def save(self, state: dict, epoch: int, is_best: bool) -> Path:
+    def save(self, state: dict, epoch: int, is_best: bool, batches: int | None = None) -> Path:
+        """Write `state` as the checkpoint after `epoch` epochs (and `batches` more batches).
+
+        Refuses (FloatingPointError) a state whose tensors hold NaN or infinity: a diverged
+        model never replaces the last good checkpoint.
+        """
+        bad = non_finite_entries(state)
+        if bad:
+            raise FloatingPointError(
+                f"not saving {checkpoint_name(epoch, batches)}: {', '.join(bad[:5])} hold NaN or "
+                "infinite values; the previous checkpoints are kept"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"epoch_{epoch:04d}.pt"
-        atomic_save({**state, **self.metadata, "format_version": FORMAT_VERSION}, path)
+        path = self.folder / checkpoint_name(epoch, batches)
+        content = {**state, **self.metadata, "format_version": FORMAT_VERSION}
+        atomic_save({**content, "checksum": content_digest(content)}, path)
         _atomic_link(path, self.folder / "last.pt")
         if is_best:
             _atomic_link(path, self.folder / "best.pt")
         _fsync_dir(self.folder)
-        # prune only now that the new file and its links are in place
-        for _, old in epoch_files(self.folder)[: -self.keep_last or None]:
-            if old != path or self.keep_last == 0:
-                old.unlink(missing_ok=True)
+        self._prune(path)
         return path
+
+    def _prune(self, newest: Path) -> None:
+        """Remove old files, only now that the new file and its links are in place."""
+        files = checkpoint_files(self.folder)
+        epochs = [p for (_, batches), p in files if batches < 0]
+        latest_epoch = max((key for key, p in files if key[1] < 0), default=(-1, -1))
+        mid = [p for key, p in files if key[1] >= 0]
+        newer_mid = [p for key, p in files if key[1] >= 0 and key > latest_epoch]
+        old = epochs[: -self.keep_last or None] if self.keep_last else epochs
+        # mid-epoch files: those older than the newest epoch file, and all but the newest
+        # keep_last (at least one) of the rest
+        old += [p for p in mid if p not in newer_mid] + newer_mid[: -max(self.keep_last, 1)]
+        if self.keep_last == 0:
+            old = [p for _, p in files]  # last.pt and best.pt hold what is needed
+        for path in old:
+            if path != newest or self.keep_last == 0:
+                path.unlink(missing_ok=True)
 
     @property
     def best(self) -> Path:

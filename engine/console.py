@@ -39,6 +39,9 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[metrics]}"),
         console=console,
+        # each redraw holds the GIL for ~4 ms in a terminal: rich's default 10 per second cost
+        # the loop 8-10% of a small CNN's speed on CPU (analysis/benchmark.py), 2 costs ~1%
+        refresh_per_second=2,
         transient=False,
     )
 

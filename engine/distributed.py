@@ -135,6 +135,21 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return sum_over_ranks(tensor) / world_size() if world_size() > 1 else tensor
 
 
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over processes (a flag any process raised); a pass-through alone."""
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them."""
+    if world_size() == 1:
+        return flag
+    return bool(max_over_ranks(torch.tensor(float(flag))).item())  # gloo: CPU tensors
+
+
 def average_buffers(module: nn.Module) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) over processes.
 
@@ -205,8 +220,10 @@ class NullSaver:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def save(self, state: dict, epoch: int, is_best: bool) -> Path:
-        return self.folder / f"epoch_{epoch:04d}.pt"
+    def save(self, state: dict, epoch: int, is_best: bool, batches: int | None = None) -> Path:
+        from engine.checkpoint import checkpoint_name
+
+        return self.folder / checkpoint_name(epoch, batches)
 
     @property
     def best(self) -> Path:

@@ -7,8 +7,10 @@ DistributedDataParallel (engine/distributed.py) and the metrics are sums and mea
 
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
@@ -18,13 +20,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from data.loaders import seed_epoch
+from data.images import skipped_images
+from data.loaders import seed_epoch, skip_batches
 from engine import distributed
 from engine.checkpoint import CheckpointSaver
 from engine.console import progress_bar
 from engine.logger import RunLogger
 from engine.metrics import correct_topk
 from engine.rng import get_rng_state, seed_everything, set_rng_state
+from engine.stop import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,94 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+class Interrupted(Exception):
+    """A stop signal arrived during evaluation (see engine/stop.py)."""
+
+
+@dataclass
+class EpochProgress:
+    """Where training is inside an epoch: what a mid-epoch checkpoint stores to resume there.
+
+    Sums stay on the device during the epoch (no host sync); `state()` reads them back.
+    """
+
+    loss_sum: torch.Tensor  # of batch-mean losses, over the batches of applied updates
+    correct: torch.Tensor  # top-1 hits on the training batches (hard targets)
+    window_loss: torch.Tensor  # loss sum since the last train/loss record
+    batches: int = 0  # batches of this epoch consumed (skipped updates included)
+    counted: int = 0  # batches in loss_sum
+    seen: int = 0  # images in `correct`
+    window_batches: int = 0
+    skipped_updates: int = 0  # updates skipped for a non-finite loss or gradient
+
+    @classmethod
+    def start(cls, device: torch.device, saved: dict | None = None) -> "EpochProgress":
+        saved = dict(saved or {})
+        sums = {k: torch.tensor(saved.pop(k, 0.0), device=device) for k in cls.SUMS}
+        return cls(**sums, **saved)
+
+    SUMS = ("loss_sum", "correct", "window_loss")
+
+    def state(self) -> dict:
+        """Plain numbers (a host sync): a checkpoint loads them with weights_only=True."""
+        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+
+
+class UpdateCheck:
+    """Whether an update may be applied: its loss and gradient are finite.
+
+    A non-finite update is skipped: no optimizer, scheduler or EMA step, and the BatchNorm
+    statistics its forward passes changed are put back, so the model is as it was. After
+    `max_bad_steps` skipped updates in a row the run stops. One host sync per update, which
+    also carries the stop-signal flag; `max_bad_steps=None` checks nothing and syncs nothing
+    (in a single process). Data-parallel: the processes agree on both (one all-reduce).
+    """
+
+    def __init__(self, model: nn.Module, max_bad_steps: int | None, stop: StopSignals):
+        self.enabled = max_bad_steps is not None
+        self.max_bad_steps = max_bad_steps
+        self.stop = stop
+        self.in_a_row = 0
+        self.buffers = list(model.buffers()) if self.enabled else []
+        self.snapshot = [b.detach().clone() for b in self.buffers]
+
+    def before_update(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.snapshot, self.buffers)
+
+    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int):
+        """(apply the update, stop requested), agreed by all processes."""
+        stop = float(self.stop.requested is not None)
+        if not self.enabled and distributed.world_size() == 1:
+            return True, bool(stop)
+        bad = torch.zeros((), device=loss.device)
+        if self.enabled:
+            finite = torch.isfinite(loss)
+            if grad_norm is not None:
+                finite &= torch.isfinite(grad_norm)
+            bad = (~finite).float()
+        flags = torch.stack([bad, torch.tensor(stop, device=loss.device)])
+        bad, stop = distributed.max_over_ranks(flags).tolist()  # the host sync
+        if not bad:
+            self.in_a_row = 0
+            return True, bool(stop)
+        self.in_a_row += 1
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.snapshot)
+        log.warning(
+            "update %d skipped: non-finite loss or gradient (%d in a row)", step + 1, self.in_a_row
+        )
+        if self.in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.in_a_row} updates in a row had a non-finite loss or gradient (the last "
+                f"would have been update {step + 1}); stopping. The checkpoints hold the last "
+                "good weights. Lower optim.lr, set trainer.clip_grad_norm (e.g. 1.0), use "
+                "trainer.precision=bf16 instead of fp16, or check the data for NaN; "
+                f"trainer.max_bad_steps={self.max_bad_steps} is the limit"
+            )
+        return False, bool(stop)
+
+
 def train_one_epoch(
     model,
     loader,
@@ -73,27 +165,36 @@ def train_one_epoch(
     clip_grad_norm,
     log_every,
     num_batches,
+    check,
+    position,
+    on_update=None,
     mixup=None,
     ema=None,
 ) -> tuple[dict, int]:
     """One pass over `loader`; returns (epoch metrics, update count after the epoch).
 
-    `model` may be wrapped in DistributedDataParallel. `mixup` (timm's Mixup) turns a batch's
-    targets into soft targets; `ema` (timm's ModelEmaV3) follows the weights after every update.
+    `model` may be wrapped in DistributedDataParallel. `check` (UpdateCheck) skips non-finite
+    updates; `position` (EpochProgress) is where the epoch stands, after the batches the loader
+    was told to skip on resume; `on_update(step, position, stop)` runs after every update (the
+    mid-epoch checkpoint). `mixup` (timm's Mixup) turns a batch's targets into soft targets;
+    `ema` (timm's ModelEmaV3) follows the weights after every update.
     """
     model.train()
-    task = progress.add_task("train", total=num_batches, metrics="")
+    task = progress.add_task("train", total=num_batches, completed=position.batches, metrics="")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    loss_sum = torch.zeros((), device=device)  # over the epoch
-    window_loss, window_batches = torch.zeros((), device=device), 0  # since the last log
-    correct = torch.zeros((), device=device)
-    seen = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    update_loss = torch.zeros((), device=device)  # over the batches of one update
+    update_correct = torch.zeros((), device=device)
+    update_batches = update_seen = 0
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, targets) in enumerate(islice(loader, num_batches)):
+    batches = islice(loader, num_batches - position.batches)
+    for i, (images, targets) in enumerate(batches, start=position.batches):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
+        if update_batches == 0:
+            check.before_update()
         update = (i + 1) % accum_steps == 0 or i + 1 == num_batches
         # data-parallel: gradients are averaged over processes once per update, in its last backward
         with distributed.grad_sync(model, sync=update):
@@ -101,40 +202,67 @@ def train_one_epoch(
                 logits = model(images)
                 loss = criterion(logits, targets)
             scaler.scale(loss / accum_steps).backward()
-        loss = loss.detach()
-        loss_sum += loss
-        window_loss += loss
-        window_batches += 1
+        update_loss += loss.detach()
         hard_targets = targets.argmax(1) if targets.ndim == 2 else targets  # soft after mixup
-        correct += (logits.detach().argmax(1) == hard_targets).sum()
-        seen += targets.shape[0]
+        update_correct += (logits.detach().argmax(1) == hard_targets).sum()
+        update_batches += 1
+        update_seen += targets.shape[0]
 
         if update:
             # the base LR this update uses (read before stepping): groups may carry an lr_scale
             group = optimizer.param_groups[0]
             lr = group["lr"] / (group.get("lr_scale") or 1.0)
-            if clip_grad_norm is not None:
+            grad_norm = None
+            if clip_grad_norm is not None or check.enabled:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
+                if clip_grad_norm is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                elif not scaler.is_enabled():  # fp16: overflow is the grad scaler's business
+                    grad_norm = nn.utils.get_total_norm(
+                        [p.grad for p in params if p.grad is not None]
+                    )
+            apply, stop = check.verdict(update_loss, grad_norm, step)
+            if apply:
+                scaler.step(optimizer)
+                step += 1
+                scheduler.step_update(num_updates=step)
+                if ema is not None:
+                    ema.update(distributed.unwrap(model), step=step)
+                position.loss_sum += update_loss
+                position.window_loss += update_loss
+                position.correct += update_correct
+                position.counted += update_batches
+                position.window_batches += update_batches
+                position.seen += update_seen
+            else:
+                position.skipped_updates += 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(distributed.unwrap(model), step=step)
-            if step % log_every == 0:
-                mean_loss = distributed.mean_over_ranks(window_loss / window_batches).item()
+            position.batches = i + 1
+            update_loss.zero_()
+            update_correct.zero_()
+            update_batches = update_seen = 0
+            if apply and step % log_every == 0 and position.window_batches:
+                window = position.window_loss / position.window_batches
+                mean_loss = distributed.mean_over_ranks(window).item()
                 logger.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
                 progress.update(task, metrics=f"loss {mean_loss:.4f}  lr {lr:.2e}")
-                window_loss.zero_()
-                window_batches = 0
+                position.window_loss.zero_()
+                position.window_batches = 0
+            if on_update is not None:
+                on_update(step, position, stop)
         progress.advance(task)
     progress.remove_task(task)
-    counts = torch.tensor([i + 1, seen], dtype=loss_sum.dtype, device=device)
-    totals = distributed.sum_over_ranks(torch.stack([loss_sum, correct, *counts]))
-    loss_sum, correct, batches, seen = totals  # over all processes' batches
-    return {"loss": (loss_sum / batches).item(), "acc1": (correct / seen).item() * 100}, step
+    counts = [position.counted, position.seen, position.skipped_updates]
+    counts = torch.tensor(counts, dtype=position.loss_sum.dtype, device=device)
+    totals = distributed.sum_over_ranks(torch.stack([position.loss_sum, position.correct, *counts]))
+    loss_sum, correct, counted, seen, skipped = totals.tolist()  # over all processes' batches
+    metrics = {
+        "loss": loss_sum / counted if counted else math.nan,
+        "acc1": correct / seen * 100 if seen else math.nan,
+        "skipped_updates": int(skipped / distributed.world_size()),  # the same on every process
+    }
+    return metrics, step
 
 
 @torch.inference_mode()
@@ -148,9 +276,15 @@ def evaluate(
     channels_last=False,
     num_batches=None,
     progress=None,
+    hflip=False,
+    stop=None,
 ) -> dict:
     """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`; data-parallel, over every
-    process's share of the data."""
+    process's share of the data.
+
+    `hflip`: test-time augmentation, the mean of the logits of each image and its mirror image.
+    `stop()` is asked after every batch; when true, evaluation ends by raising Interrupted.
+    """
     model.eval()
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
     task = progress.add_task("val", total=num_batches, metrics="") if progress else None
@@ -163,12 +297,18 @@ def evaluate(
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(images)
+            if hflip:
+                logits = (logits + model(images.flip(-1))) / 2
         loss_sum += criterion(logits.float(), targets) * targets.shape[0]
         num_classes = logits.shape[1]
         correct += correct_topk(logits, targets, (1, min(5, num_classes)))
         seen += targets.shape[0]
         if progress:
             progress.advance(task)
+        if stop is not None and stop():
+            if progress:
+                progress.remove_task(task)
+            raise Interrupted
     if progress:
         progress.remove_task(task)
     seen = torch.tensor([seen], dtype=loss_sum.dtype, device=device)
@@ -192,6 +332,8 @@ def fit(
     device: str = "auto",
     precision: str = "fp32",
     channels_last: bool = False,
+    compile: bool | str = False,
+    cudnn_benchmark: bool = True,
     accum_steps: int = 1,
     clip_grad_norm: float | None = None,
     label_smoothing: float = 0.0,
@@ -203,6 +345,9 @@ def fit(
     cutmix_alpha: float = 0.0,
     mixup_prob: float = 1.0,
     mixup_switch_prob: float = 0.5,
+    eval_hflip: bool = False,
+    max_bad_steps: int | None = 10,
+    checkpoint_every_updates: int | None = None,
     sync_bn: bool = False,
     num_classes: int | None = None,
     resume: dict | None = None,
@@ -212,8 +357,14 @@ def fit(
     `ema_decay` keeps an exponential moving average of the weights (timm's ModelEmaV3), evaluated
     beside the model each epoch; "best" is the better of the two. `mixup_alpha` / `cutmix_alpha`
     > 0 mix batches (timm's Mixup, soft targets; label smoothing then happens inside it).
-    `resume` is a loaded checkpoint: training continues after its epoch, with its model,
-    optimizer, scheduler, grad-scaler, EMA and RNG states.
+    `compile`: torch.compile the training model (True, or a mode such as "max-autotune").
+    `max_bad_steps`: updates with a non-finite loss or gradient are skipped, and this many in a
+    row stop the run (None: no check). `checkpoint_every_updates`: also save mid-epoch; a resumed
+    run continues from that batch. SIGTERM / SIGUSR1 / SIGUSR2 save such a checkpoint at the
+    next update and stop the run (engine/stop.py).
+    `resume` is a loaded checkpoint: training continues where it was saved, with its model,
+    optimizer, scheduler, grad-scaler, EMA and RNG states; on CPU with num_workers=0 (or a
+    device-resident loader) exactly as if it had not stopped.
 
     Under torchrun the model trains in DistributedDataParallel (`sync_bn`: BatchNorm statistics
     over the global batch, CUDA only); metrics cover all processes; EMA and checkpoints hold the
@@ -221,11 +372,16 @@ def fit(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r}; choose one of {list(PRECISIONS)}")
-    if accum_steps < 1:
-        raise ValueError(f"trainer.accum_steps={accum_steps} must be 1 or more")
-    if log_every < 1:
-        raise ValueError(f"trainer.log_every={log_every} must be 1 or more")
+    for key, value, least in (
+        ("accum_steps", accum_steps, 1),
+        ("log_every", log_every, 1),
+        ("max_bad_steps", max_bad_steps, 1),
+        ("checkpoint_every_updates", checkpoint_every_updates, 1),
+    ):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"trainer.{key}={value!r} must be an integer, {least} or more")
     device = resolve_device(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # fastest conv algorithms for fixed shapes
     amp_dtype = PRECISIONS[precision]
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     # fp16 needs loss scaling; for fp32/bf16 the disabled scaler is a pass-through
@@ -261,6 +417,7 @@ def fit(
         # its own augmentation and mixup draws; the weights come from rank 0 (DDP broadcasts them)
         seed_everything(seed + distributed.rank())
     start_epoch, step, best = 0, 0, {"val/acc1": -math.inf, "epoch": None}
+    saved_position = None  # where in its epoch a mid-epoch checkpoint was written
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -273,16 +430,66 @@ def fit(
         if distributed.rank() < len(rng):
             set_rng_state(rng[distributed.rank()])
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
-        log.info("resumed after epoch %d (update %d)", start_epoch, step)
+        positions = resume.get("position_ranks") or [resume.get("position")]
+        saved_position = positions[min(distributed.rank(), len(positions) - 1)]
+        within = f", {saved_position['batches']} batches into the next" if saved_position else ""
+        log.info("resumed after epoch %d (update %d)%s", start_epoch, step, within)
     scheduler.step_update(num_updates=step)
     net = distributed.data_parallel(model, device, sync_bn)
     model = distributed.unwrap(net)  # what EMA follows, evaluation runs and checkpoints hold
+    if compile:
+        net = torch.compile(net, mode=None if compile is True else compile)
+
+    def save(epoch: int, is_best: bool, metrics: dict, position: EpochProgress | None = None):
+        """The training state after `epoch` epochs (and `position` into the next)."""
+        rng = distributed.gather(get_rng_state())
+        where = distributed.gather(position.state()) if position is not None else []
+        saver.save(  # rank 0 saves; the others' saver does nothing
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                **({"ema": ema.module.state_dict()} if ema is not None else {}),
+                "epoch": epoch,
+                "step": step,
+                "best": best,
+                "metrics": metrics,
+                "rng": rng[0],
+                **({"rng_ranks": rng} if len(rng) > 1 else {}),
+                **({"position": where[0]} if where else {}),
+                **({"position_ranks": where} if len(where) > 1 else {}),
+            },
+            epoch=epoch,
+            is_best=is_best,
+            batches=position.batches if position is not None else None,
+        )
+
+    def after_update(step_now: int, position: EpochProgress, stop: bool) -> None:
+        """Mid-epoch: a checkpoint every `checkpoint_every_updates`, and on a stop signal."""
+        nonlocal step
+        step = step_now
+        every = checkpoint_every_updates
+        periodic = every is not None and step % every == 0
+        if stop or (periodic and position.batches < train_batches):
+            save(epoch, is_best=False, metrics=metrics, position=position)
+        if stop:
+            stopper.after_checkpoint()
 
     metrics: dict = {}
-    with progress_bar() if distributed.is_main() else Progress(disable=True) as progress:
+    epoch = start_epoch
+    stopper = StopSignals()
+    check = UpdateCheck(model, max_bad_steps, stopper)
+    progress_view = progress_bar() if distributed.is_main() else Progress(disable=True)
+    with stopper, progress_view as progress:
         epoch_task = progress.add_task("epochs", total=epochs, completed=start_epoch, metrics="")
         for epoch in range(start_epoch, epochs):
             seed_epoch(train_loader, seed, epoch)
+            bad_before = skipped_images(train_loader.dataset)
+            position = EpochProgress.start(device, saved_position)
+            if saved_position:
+                skip_batches(train_loader, position.batches)
+                saved_position = None
             t0 = time.perf_counter()
             train, step = train_one_epoch(
                 net,
@@ -301,31 +508,51 @@ def fit(
                 clip_grad_norm=clip_grad_norm,
                 log_every=log_every,
                 num_batches=train_batches,
+                check=check,
+                position=position,
+                on_update=after_update,
                 mixup=mixup,
                 ema=ema,
             )
             train_s = time.perf_counter() - t0
+            bad_images = torch.tensor(float(skipped_images(train_loader.dataset) - bad_before))
             evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
             for module in evaluated.values():
                 distributed.average_buffers(module)  # processes ran BatchNorm on their own batches
-            vals = {
-                name: evaluate(
-                    m,
-                    val_loader,
-                    eval_criterion,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    channels_last=channels_last,
-                    num_batches=limit_val_batches,
-                    progress=progress,
-                )
-                for name, m in evaluated.items()
-            }
+            # a stop signal during evaluation: save where training stands (the epoch's batches
+            # done, not yet evaluated) and stop; one process alone can stop between batches
+            asked = (
+                (lambda: stopper.requested is not None) if distributed.world_size() == 1 else None
+            )
+            while True:
+                try:
+                    vals = {
+                        name: evaluate(
+                            m,
+                            val_loader,
+                            eval_criterion,
+                            device=device,
+                            amp_dtype=amp_dtype,
+                            channels_last=channels_last,
+                            num_batches=limit_val_batches,
+                            progress=progress,
+                            hflip=eval_hflip,
+                            stop=asked,
+                        )
+                        for name, m in evaluated.items()
+                    }
+                    break
+                except Interrupted:
+                    save(epoch, is_best=False, metrics=metrics, position=position)
+                    stopper.after_checkpoint()  # exits, unless an earlier handler lets it go on
             val = vals["model"]
             metrics = {
                 "epoch": epoch + 1,
                 # epoch means; train/loss alone is the per-update value logged every log_every
-                **{f"train/epoch_{k}": v for k, v in train.items()},
+                **{f"train/epoch_{k}": v for k, v in train.items() if k != "skipped_updates"},
+                "train/skipped_updates": train["skipped_updates"],
+                # unreadable images replaced in this epoch (data.dataset.bad_images: skip)
+                "train/skipped_images": int(distributed.sum_over_ranks(bad_images).item()),
                 **{f"val/{k}": v for k, v in val.items()},
                 **{f"val_ema/{k}": v for k, v in vals.get("ema", {}).items()},
                 "time/epoch_s": time.perf_counter() - t0,
@@ -343,24 +570,7 @@ def fit(
                     "epoch": epoch + 1,
                     "source": source,
                 }
-            rng = distributed.gather(get_rng_state())
-            saver.save(  # rank 0 saves; the others' saver does nothing
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    **({"ema": ema.module.state_dict()} if ema is not None else {}),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "best": best,
-                    "metrics": metrics,
-                    "rng": rng[0],
-                    **({"rng_ranks": rng} if len(rng) > 1 else {}),
-                },
-                epoch=epoch + 1,
-                is_best=is_best,
-            )
+            save(epoch + 1, is_best=is_best, metrics=metrics)
             log.info(
                 "epoch %d/%d  train loss %.4f  val loss %.4f  acc1 %.2f  acc5 %.2f  (%.1fs)",
                 epoch + 1,
@@ -372,5 +582,8 @@ def fit(
                 metrics["time/epoch_s"],
             )
             progress.update(epoch_task, advance=1, metrics=f"val acc1 {val['acc1']:.2f}")
+            if distributed.any_rank(stopper.requested is not None):
+                stopper.requested = stopper.requested or signal.SIGTERM  # a process that has none
+                stopper.after_checkpoint()  # arrived after the last update: saved just now
     logger.summary({f"best/{k}": v for k, v in best.items()})
     return {**metrics, **{f"best/{k}": v for k, v in best.items()}, "step": step}

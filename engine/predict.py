@@ -141,7 +141,9 @@ def _load_safetensors(source: Path, use_ema: bool) -> Trained:
 
 def _build(config, classes, preprocess, state, in_chans, source, info) -> Trained:
     from engine.build import build_model_for
+    from engine.checks import check_saved_config
 
+    check_saved_config(config, source)  # before OmegaConf reads it: it is a file's content
     if in_chans is None:
         in_chans = int(preprocess["input_size"][0])
     cfg = OmegaConf.create(config)

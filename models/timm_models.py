@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 from timm.data import resolve_data_config
 from timm.models import adapt_input_conv, group_parameters, load_state_dict
 from timm.utils import freeze as freeze_modules
@@ -174,10 +175,21 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
             "(this repo's checkpoints work too: <run folder>/checkpoints/best.pt)"
         )
     try:
-        # safetensors, or torch.load(weights_only=True): never runs code from the file.
-        # Unwraps {'model': ...} / {'state_dict': ...}, strips DDP and torch.compile prefixes.
-        state = load_state_dict(str(path), use_ema=False)
+        # safetensors, or torch.load(weights_only=True): never runs code from the file, and
+        # there is no fallback to a full unpickle. Unwraps {'model': ...} / {'state_dict': ...},
+        # strips DDP and torch.compile prefixes.
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:
+        unsafe = _unsafe_globals(path)
+        told = f"{err} {err.__cause__}"
+        if unsafe or "Unsupported global" in told:  # not junk: named Python objects
+            raise ValueError(
+                f"model.weights={str(path)!r} holds pickled Python objects besides tensors "
+                f"({', '.join(unsafe) or str(err).splitlines()[0]}); refused: unpickling them "
+                "could run code from the file. Load a file of tensors only: a .safetensors file, "
+                "or a state dict saved with torch.save(model.state_dict(), path) from a source "
+                "you trust"
+            ) from None
         raise ValueError(
             f"model.weights={str(path)!r} is not a readable weights file "
             f"({type(err).__name__}: {err}); expected a .safetensors file or a torch.save'd "
@@ -202,6 +214,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     heads = tuple(f"{m}." for m in _head_modules(model))
     in_head = [k for k in own if k.startswith(heads)]
     skipped = [k for k in in_head if k not in state or state[k].shape != own[k].shape]
+    file_head = {k: tuple(state[k].shape) for k in skipped if k in state}
     for key in skipped:
         state.pop(key, None)
     # FrozenBatchNorm2d (model.freeze) saves no num_batches_tracked; a missing one is harmless
@@ -230,14 +243,26 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         )
     model.load_state_dict(state, strict=False)  # strict apart from the skipped classifier
     if skipped:
-        log.info(
-            "model.weights=%s: classifier re-initialised for %d classes, skipped %s",
+        # fine-tuning on another class count, as intended, or a dataset that is not the one
+        # meant: say both counts
+        log.warning(
+            "model.weights=%s: the file's classifier (%s) does not fit the %d classes of this "
+            "dataset; it is re-initialised and trains from scratch (skipped %s)",
             path,
+            ", ".join(f"{k} {shape}" for k, shape in file_head.items()) or "absent",
             model.num_classes,
             ", ".join(skipped),
         )
     log.info("model.weights=%s: %d tensors loaded", path, len(state))
     return skipped
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python names a pickle refers to beyond tensors, read without running it."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint, or an older torch: the caller has the error itself
+        return []
 
 
 def freeze_stages(model: nn.Module, freeze: int | str) -> list[str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, run_py
+from tests.helpers import TINY, composed, run_py
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,23 @@ def tiny_run(tmp_path_factory) -> Path:
     run_py(*TINY, "trainer.epochs=2", "trainer.ema_decay=0.9", "logger=none", cwd=cwd)
     (run_dir,) = (cwd / "outputs").glob("*/*")
     return run_dir
+
+
+@pytest.fixture
+def run_task(tmp_path):
+    """run.py's task function for `overrides`, called in-process as Hydra would call it."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import run
+
+    def call(*overrides: str):
+        cfg = composed(*overrides, hydra=True)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return run.TASKS[cfg.task.name](cfg)
+
+    yield call
+    HydraConfig.instance().cfg = None

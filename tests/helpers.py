@@ -94,3 +94,11 @@ def wandb_config(records: list[dict]) -> dict:
 
 def wandb_run_id(records: list[dict]) -> str:
     return records_of(records, "run")[0]["run_id"]
+
+
+def composed(*overrides: str, hydra: bool = False):
+    """The real conf/ composed with `overrides` (and Hydra's own node, with `hydra`)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)

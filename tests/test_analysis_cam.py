@@ -50,6 +50,12 @@ def square_pixels(n: int, seed: int, size: int = SIZE) -> tuple[torch.Tensor, to
     return pixels, labels
 
 
+@pytest.fixture(autouse=True)
+def allow_this_module(monkeypatch):
+    """The square run's dataset builder lives here, in `tests`: a package the user allows."""
+    monkeypatch.setenv("IMGCLS_EXTRA_TARGETS", "tests")
+
+
 def squares(image_size: int = SIZE, val_fraction: float = 0.25, split_seed: int = 0) -> Splits:
     """A dataset builder with data.digits.digits' signature, for the test run's config."""
     n = 512

@@ -16,7 +16,6 @@ from data.loaders import make_loaders
 from data.transforms import image_transforms
 from engine.checkpoint import CheckpointSaver
 from engine.loop import fit
-from models.timm_models import preprocessing
 from tests.helpers import REPO, RUN_PY, clean_env
 
 CONF = REPO / "conf"
@@ -106,7 +105,8 @@ def check_group(cfg, group: str) -> None:
             # data.transform (null: the dataset's own pipeline) builds the model's pipeline,
             # which reaches the builder late; the model fills the keys left null
             bind(target, keys, late=("train_transform", "eval_transform"))
-            model_keys = dict.fromkeys(preprocessing(cfg.model.name))
+            # the five keys the model's preprocessing fills (models/timm_models.py)
+            model_keys = dict.fromkeys(("input_size", "mean", "std", "interpolation", "crop_pct"))
             transform = {} if node.transform is None else OmegaConf.to_container(node.transform)
             bind(image_transforms, {**model_keys, **transform})
         else:

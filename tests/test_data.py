@@ -546,3 +546,23 @@ def test_mnist5k_is_5000_real_28px_digits_of_10_classes():
     assert splits.train[0][0].shape == (1, 28, 28)
     assert np.bincount(labels_of(splits.val)).tolist() == [100] * 10
     assert abs(float(splits.train.tensors[0].mean())) < 1e-4  # normalised with train statistics
+
+
+def test_randaugment_at_its_highest_magnitude_keeps_a_posterize_bit():
+    # 'inc1' posterize keeps 4 - 4 x magnitude / 10 bits; magnitude 10 asked Pillow for 0 bits,
+    # which it refuses (a ValueError a few times per thousand images, mid-epoch)
+    from PIL import Image
+
+    from data.transforms import image_transforms
+
+    train, _ = image_transforms(
+        input_size=16,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        auto_augment="rand-m10-mstd0-inc1",  # every op at magnitude 10
+    )
+    image = Image.new("RGB", (20, 20), (100, 150, 200))
+    for _ in range(200):
+        assert train(image).shape == (3, 16, 16)

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from engine import checkpoint
 from tests.helpers import (
     RUN_PY,
     TINY,
@@ -20,54 +21,103 @@ from tests.helpers import (
     wandb_runs,
 )
 
-SETTINGS = [*TINY, "trainer.epochs=4", "data.batch_size=32"]
+# 4 epochs of 4 updates, a checkpoint after every update (mid-epoch ones included)
+SETTINGS = [*TINY, "trainer.epochs=4", "data.batch_size=32", "trainer.checkpoint_every_updates=1"]
+MID_EPOCH_2 = "epoch_0001_batch_000002.pt"  # 2 batches into the 2nd epoch
 
 
-def kill_after_first_checkpoint(args: list[str], run_dir, cwd) -> None:
-    proc = subprocess.Popen(
+def start(args: list[str], cwd) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, str(RUN_PY), *args],
         cwd=cwd,
         env=clean_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    first = run_dir / "checkpoints" / "epoch_0001.pt"
+
+
+def wait_for(path, proc) -> None:
     deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "checkpoints" / "epoch_0004.pt").exists(), "killed too late"
+    while not path.exists():
+        assert proc.poll() is None, (
+            f"the run ended before {path.name}: {proc.stderr.read()[-3000:]}"
+        )
+        assert time.monotonic() < deadline, f"no {path.name} within 300 s"
+        time.sleep(0.005)
 
 
-def test_killed_run_resumed_with_auto_matches_uninterrupted_run(tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_py(*SETTINGS, f"hydra.run.dir={straight}", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run: what every interrupted and resumed run must end as."""
+    cwd = tmp_path_factory.mktemp("straight")
+    run_py(*SETTINGS, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    return cwd / "run"
 
-    kill_after_first_checkpoint([*SETTINGS, f"hydra.run.dir={broken}"], broken, tmp_path)
-    # what a requeued job does: the same command, same folder, resume=auto
-    run_py(*SETTINGS, f"hydra.run.dir={broken}", "resume=auto", cwd=tmp_path)
 
+def assert_ends_as(straight, broken) -> None:
+    """Same metrics at every epoch, same loss records, same final weights, bit for bit."""
     expected, got = epoch_records(straight), epoch_records(broken)
     assert [r["epoch"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(expected, got, strict=True):
         for key in ("step", "train/epoch_loss", "val/loss", "val/acc1", "val/acc5"):
             assert a[key] == b[key], (key, a, b)
-    steps = [r["step"] for r in read_jsonl(broken) if "train/loss" in r]
-    assert steps == sorted(set(steps)), "no step may be recorded twice"
+    losses = [(r["step"], r["train/loss"]) for r in read_jsonl(straight) if "train/loss" in r]
+    assert [(r["step"], r["train/loss"]) for r in read_jsonl(broken) if "train/loss" in r] == losses
 
     final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     final_b = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)
     for name, tensor in final_a["model"].items():
         assert torch.equal(tensor, final_b["model"][name]), name
 
-    # the resumed process continued the killed process's W&B run (a killed process's offline
-    # log may hold nothing: W&B had not flushed it)
-    killed, resumed = wandb_runs(broken)
-    run_id = final_b["wandb_run_id"]
-    assert killed.name.endswith(run_id) and resumed.name.endswith(run_id)
+
+def resumed_from(run_dir) -> str:
+    """What run.log says the second start resumed from."""
+    return (run_dir / "run.log").read_text().split("resumed after epoch ")[1].splitlines()[0]
+
+
+def test_run_killed_mid_epoch_resumes_and_ends_exactly_as_an_uninterrupted_run(straight, tmp_path):
+    broken = tmp_path / "broken"
+    proc = start([*SETTINGS, f"hydra.run.dir={broken}"], tmp_path)
+    wait_for(broken / "checkpoints" / MID_EPOCH_2, proc)
+    proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: whatever was in flight is lost
+    proc.wait()
+    assert not (broken / "checkpoints" / "epoch_0004.pt").exists(), "killed too late"
+
+    # what a requeued job does: the same command, same folder, resume=auto
+    run_py(*SETTINGS, f"hydra.run.dir={broken}", "resume=auto", cwd=tmp_path)
+    assert "batches into the next" in resumed_from(broken)  # a mid-epoch checkpoint
+    assert_ends_as(straight, broken)
+    steps = [r["step"] for r in read_jsonl(broken) if "train/loss" in r]
+    assert steps == sorted(set(steps)), "no step may be recorded twice"
+
+
+@pytest.mark.slow  # two run.py processes; test_faults.py sends the signals to fit in-process
+def test_sigterm_saves_where_the_run_is_exits_non_zero_and_the_same_wandb_run_continues(
+    straight, tmp_path
+):
+    broken = tmp_path / "broken"
+    # no mid-epoch checkpoints but the one the signal asks for
+    settings = [*SETTINGS, "trainer.checkpoint_every_updates=null"]
+    proc = start([*settings, f"hydra.run.dir={broken}"], tmp_path)
+    wait_for(broken / "checkpoints" / "epoch_0001.pt", proc)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends at preemption or at the time limit
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "received SIGTERM" in (broken / "run.log").read_text()
+    saved = checkpoint.find_latest(broken / "checkpoints")
+    state = checkpoint.load(saved)
+    assert state["epoch"] < 4, "signalled too late"
+
+    run_py(*settings, f"hydra.run.dir={broken}", "resume=auto", cwd=tmp_path)
+    assert_ends_as(straight, broken)
+
+    # the resumed process continued the signalled process's W&B run, which was closed cleanly
+    # (marked preempting) with its records on disk
+    stopped, resumed = wandb_runs(broken)
+    run_id = state["wandb_run_id"]
+    assert stopped.name.endswith(run_id) and resumed.name.endswith(run_id)
+    assert wandb_run_id(wandb_records(stopped)) == run_id
     assert wandb_run_id(wandb_records(resumed)) == run_id
 
 

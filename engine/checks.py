@@ -1,0 +1,411 @@
+"""Config checks that run before anything is built: a bad value fails in a second, not an hour in.
+
+    check_config(cfg)          every task's first call (run.py), and a resumed run's config
+    check_targets(cfg)         every `_target_` is a callable of this repo, torch, torchvision
+                               or timm; engine.build.build runs it before each instantiate
+    check_saved_config(d, f)   a config read from file f: allowed targets, no interpolation
+
+Each message names the key, the bad value and what to write instead. A config from a checkpoint
+or an export sidecar is data from a file: its `_target_`s pass the same allow-list, so loading a
+model never calls whatever a file names.
+"""
+
+import difflib
+import importlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+ALLOWED_TARGETS = ("models", "data", "engine", "analysis", "torch", "torchvision", "timm")
+# your own packages besides those (a lab's model zoo): IMGCLS_EXTRA_TARGETS=mylab,otherlab. An
+# environment variable, not a config key: a config or a checkpoint cannot widen its own list.
+EXTRA_TARGETS = "IMGCLS_EXTRA_TARGETS"
+# Inside the allowed packages: entry points that run code from strings, start processes, load
+# native code or pickles, open sockets, or download and write files. A config names builders
+# (models, datasets, optimizers, schedules); none of these is one.
+BLOCKED_TARGETS = (
+    "torch.hub",
+    "torch.utils.cpp_extension",
+    "torch.utils.collect_env",
+    "torch.utils.benchmark",
+    "torch.utils.model_zoo",
+    "torch.utils.tensorboard",
+    "torch.distributed",
+    "torch.multiprocessing",
+    "torch.package",
+    "torch.jit",
+    "torch.serialization",
+    "torch.ops",
+    "torch.classes",
+    "torch.library",
+    "torch.fx",
+    "torch.export",
+    "torch.onnx",
+    "torch.profiler",
+    "torchvision.io",
+    "torchvision.utils",
+    "torchvision.datasets.utils",
+    "timm.utils",
+    "timm.models._hub",
+    "engine.runinfo",
+    "engine.checkpoint",
+    "engine.export",
+    "engine.serve",
+    "engine.logger",
+    "engine.distributed",
+    "engine.predict.write_predictions",
+    "engine.checks",
+)
+HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# keyword arguments engine/build.py passes at the call site: not config keys
+LATE_ARGUMENTS = {
+    "model": {
+        "num_classes": "the dataset's class count",
+        "in_chans": "the dataset's channel count",
+    },
+    "optim": {"model": "the built model", "global_batch_size": "the batch one update sees"},
+    "sched": {
+        "optimizer": "the built optimizer",
+        "total_steps": "trainer.epochs x updates per epoch",
+        "steps_per_epoch": "the updates per epoch",
+    },
+    "data.dataset": {
+        "train_transform": "data.transform",
+        "eval_transform": "data.transform",
+    },
+}
+# engine.loop.fit's arguments run.py fills from elsewhere than cfg.trainer
+FIT_LATE = {"seed": "the top-level seed", "num_classes": "the dataset", "resume": "resume=..."}
+
+
+def allowed_packages() -> tuple[str, ...]:
+    extra = [p.strip() for p in os.environ.get(EXTRA_TARGETS, "").split(",") if p.strip()]
+    return (*ALLOWED_TARGETS, *extra)
+
+
+def allowed_prefixes() -> str:
+    return ", ".join(f"{p}." for p in allowed_packages())
+
+
+# ---------------------------------------------------------------------------------------------
+# _target_
+
+
+def check_targets(cfg, root: str | None = None) -> None:
+    """Raise a ValueError unless every `_target_` in `cfg` names an allowed callable.
+
+    Walks the whole config (lists too). Nothing is instantiated; modules of the allowed packages
+    are imported to see what a name really is: `torch.os.system` starts with `torch.` but is
+    os.system, and `engine.build.instantiate` is Hydra's. The top-level `hydra` node (launcher
+    and logging plugins, which Hydra instantiates itself) is left out.
+    """
+    if root is None:
+        root = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
+    for path, target in _targets(cfg, root or "", top=True):
+        check_target(path, target)
+
+
+def check_target(path: str, target) -> Callable:
+    """The callable `target` names, if it is allowed; `path` (e.g. model._target_) is for errors."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"{path}={target!r} is not allowed: {why}. A _target_ names a builder of this repo "
+            f"or of torch, torchvision or timm; allowed prefixes: {allowed_prefixes()} "
+            f"(your own packages: {EXTRA_TARGETS}=name1,name2 in the environment)"
+        )
+
+    if not isinstance(target, str) or not target:
+        raise refuse("a _target_ is a dotted name (module.function)")
+    parts = target.split(".")
+    if parts[0] not in allowed_packages():
+        raise refuse(f"{parts[0]!r} is not one of the allowed packages")
+    if any(not p.isidentifier() or p.startswith("_") for p in parts):
+        raise refuse("each part must be a public Python name (no _private or __dunder__)")
+    if _blocked(target):
+        raise refuse(f"{_blocked(target)} runs code, processes or file I/O rather than building")
+    found = _locate(target, refuse)
+    if isinstance(found, ModuleType) or not callable(found):
+        raise refuse(f"it is a {type(found).__name__}, not a function or class")
+    module = getattr(found, "__module__", None)
+    if not isinstance(module, str) or module.split(".")[0] not in allowed_packages():
+        raise refuse(f"it is {module}.{getattr(found, '__qualname__', '?')}, defined elsewhere")
+    defined_as = f"{module}.{getattr(found, '__qualname__', parts[-1])}"
+    if _blocked(defined_as):
+        raise refuse(f"it is {defined_as}; {_blocked(defined_as)} is not a builder")
+    return found
+
+
+def check_saved_config(config, source) -> None:
+    """A config read from a file (a checkpoint, an export sidecar): allowed `_target_`s only, and
+    no interpolation. This repo saves configs resolved, so a `${...}` was put there by someone
+    else, and `${oc.env:AWS_SECRET_ACCESS_KEY}` would copy a secret into the run's files."""
+    for path, value in _strings(config, ""):
+        if "${" in value:
+            raise ValueError(
+                f"{str(source)!r}: its saved config has {path}={value!r}, an interpolation; "
+                "configs this repo saves are resolved, so the file was not written by it: refused"
+            )
+    try:
+        check_targets(config, root="")
+    except ValueError as err:
+        raise ValueError(f"{str(source)!r}: its saved config is refused: {err}") from None
+
+
+def _strings(node, path: str):
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _strings(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, Sequence) and not isinstance(node, bytes):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{path}[{i}]")
+
+
+def _blocked(name: str) -> str | None:
+    return next((b for b in BLOCKED_TARGETS if name == b or name.startswith(f"{b}.")), None)
+
+
+def _locate(target: str, refuse) -> object:
+    """Hydra's lookup (import the longest module, then attributes), refusing module aliases."""
+    parts = target.split(".")
+    try:
+        found = importlib.import_module(parts[0])
+    except ImportError as err:
+        raise refuse(f"{parts[0]!r} cannot be imported ({err})") from None
+    for i in range(1, len(parts)):
+        dotted = ".".join(parts[: i + 1])
+        if hasattr(found, parts[i]):
+            found = getattr(found, parts[i])
+        elif isinstance(found, ModuleType):
+            try:
+                found = importlib.import_module(dotted)
+            except ImportError:
+                raise refuse(f"{dotted!r} does not exist") from None
+        else:
+            raise refuse(f"{dotted!r} does not exist")
+        if isinstance(found, ModuleType) and found.__name__ != dotted:
+            # a module imported under another name (`torch.os` is os): not the package's own
+            raise refuse(f"{dotted!r} is the module {found.__name__!r}")
+    return found
+
+
+def _targets(node, path: str, top: bool = False):
+    """(key path, value) of every `_target_` under `node`, a config or plain dicts and lists."""
+    if isinstance(node, DictConfig | Mapping):
+        keys = list(node.keys())
+        for key in keys:
+            if top and key == "hydra" and path == "":
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield where, node[key]
+                continue
+            if isinstance(node, DictConfig) and (
+                OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key)
+            ):
+                continue  # `???`, or a reference to a node that is walked where it lives
+            yield from _targets(node[key], where)
+    elif isinstance(node, ListConfig | Sequence) and not isinstance(node, str | bytes):
+        for i in range(len(node)):
+            if isinstance(node, ListConfig) and (
+                OmegaConf.is_missing(node, i) or OmegaConf.is_interpolation(node, i)
+            ):
+                continue
+            yield from _targets(node[i], f"{path}[{i}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# values and keys
+
+
+def _whole(low: int, example, none_ok: bool = False):
+    def check(v) -> bool:
+        return (v is None and none_ok) or (_is_int(v) and v >= low)
+
+    what = f"a whole number >= {low}" + (" or null" if none_ok else "")
+    return check, what, example
+
+
+def _number(low: float, high: float = math.inf, example=None, open_low=False, none_ok=False):
+    def check(v) -> bool:
+        if v is None:
+            return none_ok
+        if not _is_number(v) or not math.isfinite(v) or v > high:
+            return False
+        return v > low if open_low else v >= low
+
+    lo = f"> {low}" if open_low else f">= {low}"
+    what = f"a number {lo}" + (f" and <= {high}" if high != math.inf else "")
+    return check, what + (" or null" if none_ok else ""), example
+
+
+# key -> (test, what it must be, an example value). Checked where the key exists: a task's
+# composed config has trainer/optim/data keys even where only the checkpoint's are used.
+VALUES = {
+    "seed": _whole(0, 0),
+    "data.batch_size": _whole(1, 64),
+    "data.eval_batch_size": _whole(1, 128, none_ok=True),
+    "data.num_workers": _whole(0, 4),
+    "trainer.epochs": _whole(1, 10),
+    "trainer.accum_steps": _whole(1, 1),
+    "trainer.log_every": _whole(1, 10),
+    "trainer.limit_train_batches": _whole(1, 50, none_ok=True),
+    "trainer.limit_val_batches": _whole(1, 10, none_ok=True),
+    "trainer.clip_grad_norm": _number(0, example=1.0, open_low=True, none_ok=True),
+    "trainer.label_smoothing": _number(0, 0.99, example=0.1),
+    "trainer.ema_decay": _number(0, 0.999999, example=0.9998, open_low=True, none_ok=True),
+    "trainer.mixup_alpha": _number(0, example=0.8),
+    "trainer.cutmix_alpha": _number(0, example=1.0),
+    "trainer.mixup_prob": _number(0, 1, example=1.0),
+    "trainer.mixup_switch_prob": _number(0, 1, example=0.5),
+    "optim.lr": _number(0, example=1e-3, open_low=True),
+    "optim.weight_decay": _number(0, example=0.05),
+    "checkpoint.keep_last": _whole(0, 3),
+    "task.topk": _whole(1, 5),
+    "task.batch_size": _whole(1, 32),
+    "task.port": (lambda v: _is_int(v) and 0 <= v <= 65535, "a port number 0..65535", 8000),
+}
+DEVICE_KEYS = ("trainer.device", "task.device")
+_ABSENT = object()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a ValueError naming every bad key, value and fix in `cfg`; build nothing.
+
+    `_target_`s outside the allow-list (check_target), values of the wrong type or sign
+    (VALUES), the device, model.name, and keys no target takes (a `+key=` typo, or a key the
+    engine sets itself such as model.num_classes). trainer.precision is engine.loop.fit's own
+    first check.
+    """
+    problems, targets = [], {}
+    for path, target in _targets(cfg, "", top=True):
+        try:
+            targets[path] = check_target(path, target)
+        except ValueError as err:
+            problems.append(str(err))
+    problems += [*_value_problems(cfg), *_key_problems(cfg, targets)]
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} problems in the config:\n- " + "\n- ".join(problems))
+
+
+def _value_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    for key, (test, what, example) in VALUES.items():
+        value = _get(cfg, key)
+        if value is not _ABSENT and not test(value):
+            problems.append(f"{key}={value!r} must be {what}, e.g. {key}={example}")
+    for key in DEVICE_KEYS:
+        value = _get(cfg, key)
+        if value is not _ABSENT:
+            problems += _device_problems(key, value)
+    if _get(cfg, "model._target_") == "models.timm_models.create":
+        from models.timm_models import check_name
+
+        name = _get(cfg, "model.name")
+        if not isinstance(name, str):
+            problems.append(f"model.name={name!r} must be a timm model name, e.g. resnet50")
+        else:
+            try:
+                check_name(name)
+            except ValueError as err:
+                problems.append(str(err))
+    return problems
+
+
+def _device_problems(key: str, value) -> list[str]:
+    import torch
+
+    if value == "auto":
+        return []
+    fix = f"use {key}=auto (CUDA, else MPS, else the CPU) or {key}=cpu"
+    try:
+        device = torch.device(str(value))
+    except RuntimeError:
+        return [f"{key}={value!r} is not a device; {fix}, cuda, cuda:N or mps"]
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return [f"{key}={value!r} but CUDA is not available on this machine; {fix}"]
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return [f"{key}={value!r} but this machine has {count} GPU(s) (cuda:0..{count - 1})"]
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return [f"{key}={value!r} but MPS (Apple GPU) is not available here; {fix}"]
+    if device.type not in ("cpu", "cuda", "mps"):
+        return [f"{key}={value!r}: this repo runs on cpu, cuda or mps; {fix}"]
+    return []
+
+
+def _key_problems(cfg: DictConfig, targets: dict[str, Callable]) -> list[str]:
+    """Keys that the callee does not take: they would fail (or be ignored) at the call site.
+
+    `targets`: the allowed callables by the path of their `_target_` key.
+    """
+    problems = []
+    for target_path, func in targets.items():
+        path = target_path.rsplit(".", 1)[0] if "." in target_path else ""
+        node = OmegaConf.select(cfg, path) if path else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        keys = [k for k in node if k not in HYDRA_KEYS]
+        problems += _unbound(path, keys, func, LATE_ARGUMENTS.get(path, {}))
+    trainer = OmegaConf.select(cfg, "trainer")
+    if isinstance(trainer, DictConfig) and _get(cfg, "task.name") == "train":
+        from engine.loop import fit
+
+        # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer)
+        params = inspect.signature(fit).parameters.values()
+        late = {p.name: "built by the engine" for p in params if p.kind is not p.KEYWORD_ONLY}
+        problems += _unbound("trainer", list(trainer), fit, {**late, **FIT_LATE})
+    return problems
+
+
+def _unbound(path: str, keys: list, func, late: dict) -> list[str]:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return []
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    name = f"{func.__module__}.{func.__qualname__}"
+    problems, unknown = [], []
+    for key in keys:
+        if key in late:
+            problems.append(
+                f"{path}.{key} is set by the engine ({late[key]}), not by the config; "
+                f"remove {path}.{key}"
+            )
+        elif key not in named and not takes_any:
+            close = difflib.get_close_matches(str(key), [n for n in named if n not in late], n=1)
+            if close:
+                problems.append(
+                    f"{path}.{key} is not an argument of {name}; did you mean {path}.{close[0]}?"
+                )
+            else:
+                unknown.append(f"{path}.{key}")
+    if unknown:
+        options = ", ".join(n for n in named if n not in late)
+        problems.append(
+            f"{', '.join(unknown)} {'is not an argument' if len(unknown) == 1 else 'are not arguments'}"
+            f" of {name}; it takes {options}"
+        )
+    return problems
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
