@@ -72,37 +72,51 @@ def train(cfg: DictConfig) -> float:
 
 
 def evaluate(cfg: DictConfig) -> float:
-    from engine import build
+    from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_summary
-    from engine.evaluate import evaluate_model, write_results
+    from engine.evaluate import evaluate_model, gather_shares, write_results
     from engine.loop import resolve_device
     from engine.predict import load_trained
     from engine.runinfo import write_run_info
 
     check_config(cfg)
+    distributed.check_started()
     task = cfg.task
     trained = load_trained(task.ckpt, use_ema=task.use_ema)
     cfg, run_dir = build.config_for_trained(cfg, trained.config)
+    # data-parallel (torchrun, a submitit job's tasks): each process scores its share of the
+    # split, process 0 puts them together, writes the files and logs to W&B
     dataset, loader = build.build_eval_data(cfg, trained.classes, task.split)
-    write_run_info(run_dir, build.plain(cfg))
     device = resolve_device(cfg.trainer.device)
-    results = evaluate_model(trained.model.to(device), loader, trained.classes, topk=task.topk)
+    share = evaluate_model(
+        trained.model.to(device),
+        loader,
+        trained.classes,
+        topk=task.topk,
+        progress=distributed.is_main(),
+    )
+    results = gather_shares(share)
+    if results is None:  # not process 0: wait for its files, finish the job together
+        return distributed.from_main(None)
+    write_run_info(run_dir, build.plain(cfg))
     files = write_results(results, dataset, run_dir / "eval", source=trained.source)
     with build.build_logger(cfg, run_dir, None, job_type="eval") as logger:
         logger.log_evaluation(results, dataset, trained.source, task.log_misclassified)
     print_summary(f"evaluated {trained.source} on {task.split}", {**results.metrics, **files})
-    return results.metrics["eval/acc1"]
+    return distributed.from_main(results.metrics["eval/acc1"])
 
 
 def predict(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from engine import distributed
     from engine.checks import check_config
     from engine.loop import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
 
     check_config(cfg)
+    distributed.require_one_process("predict")
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
@@ -115,12 +129,13 @@ def predict(cfg: DictConfig) -> None:
 
 
 def export(cfg: DictConfig) -> None:
-    from engine import build
+    from engine import build, distributed
     from engine.checks import check_config
     from engine.export import export as export_model
     from engine.predict import load_trained
 
     check_config(cfg)
+    distributed.require_one_process("export")
     task = cfg.task
     trained = load_trained(task.ckpt, use_ema=task.use_ema)
     run_cfg, _ = build.config_for_trained(cfg, trained.config)
@@ -132,12 +147,14 @@ def export(cfg: DictConfig) -> None:
 
 
 def serve(cfg: DictConfig) -> None:
+    from engine import distributed
     from engine.checks import check_config
     from engine.loop import resolve_device
     from engine.predict import Classifier
     from engine.serve import serve as serve_http
 
     check_config(cfg)
+    distributed.require_one_process("serve")
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
@@ -164,6 +181,11 @@ def main(cfg: DictConfig):
         # submitit starts a job as `python -m submitit.core._submit` in the launching folder;
         # the repo's packages are found from here wherever that is
         sys.path.insert(0, REPO)
+    joined = False
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        from engine import distributed
+
+        joined = distributed.join_job()  # a job of several tasks: its own process group
     try:
         return TASKS[cfg.task.name](cfg)
     except Exception:
@@ -175,6 +197,9 @@ def main(cfg: DictConfig):
             # `run.py -m`, far from a SLURM job's folder): write it into the job's run.log too
             logging.getLogger("run").exception("job %s failed", HydraConfig.get().job.num)
         raise
+    finally:
+        if joined:
+            distributed.stop()
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ def build_eval_data(cfg: DictConfig, classes: list[str], split: str = "val"):
     """(dataset, loader in order) of `split` (val | train) for evaluating a model of `classes`.
 
     train is read with the evaluation transform. The dataset's classes must be the model's.
+    Data-parallel: the loader reads this process's share (engine.evaluate.gather_shares).
     """
     if split not in ("val", "train"):
         raise ValueError(f"task.split={split!r} must be 'val' or 'train'")
@@ -213,7 +214,8 @@ def build_eval_data(cfg: DictConfig, classes: list[str], split: str = "val"):
     dataset = splits.val
     if split == "train":
         dataset = splits.train_eval if splits.train_eval is not None else splits.train
-    return dataset, eval_loader(dataset, **_loader_kwargs(cfg))
+    shard = {"num_replicas": distributed.world_size(), "rank": distributed.rank()}
+    return dataset, eval_loader(dataset, **_loader_kwargs(cfg), **shard)
 
 
 def validation_images(cfg: DictConfig, classes: list[str], check_images: int):

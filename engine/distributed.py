@@ -1,11 +1,19 @@
 """Data-parallel training under torchrun: the process group, this process's rank, reductions.
 
-`torchrun --nproc_per_node=N run.py ...` starts N copies of run.py with RANK, LOCAL_RANK and
-WORLD_SIZE set. run.py's __main__ calls `start()` before Hydra runs; the engine then asks this
-module for the rank, wraps the model with `data_parallel`, and reduces metrics over processes.
-Everything here is a pass-through in a single process, so the engine keeps one code path.
+Two ways to start the processes, one engine:
+- `torchrun --nproc_per_node=N run.py ...` starts N copies of run.py with RANK, LOCAL_RANK and
+  WORLD_SIZE set; run.py's __main__ calls `start()` before Hydra runs, so that all of them agree
+  on the run folder.
+- a submitit job of several tasks (hydra/launcher=slurm or slurm_local with
+  tasks_per_node x nodes > 1): every task runs the same Hydra job, in the folder the launcher
+  chose; run.py's task function calls `join_job()` first, which forms the job's own process group
+  from submitit's environment. Each job of a multirun so gets its own group of processes.
+The engine then asks this module for the rank, wraps the model with `data_parallel`, and reduces
+metrics over processes. Everything here is a pass-through in a single process, so the engine
+keeps one code path.
 """
 
+import logging
 import os
 from contextlib import nullcontext
 from datetime import datetime
@@ -30,19 +38,23 @@ OTHER_RANKS_HYDRA_OVERRIDES = [
 ]
 
 
-def start() -> list[str]:
-    """Join torchrun's process group and agree on the run folder; this rank's Hydra overrides.
+def _join_group() -> None:
+    """init_process_group from the environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
 
     NCCL for CUDA tensors where there is a GPU, gloo for CPU tensors (and Python objects).
     Each process uses the GPU of its LOCAL_RANK.
     """
     if torch.cuda.is_available():
-        if local_rank() < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(gpu_index())
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend)  # env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+    dist.init_process_group(backend)
+
+
+def start() -> list[str]:
+    """Join torchrun's process group and agree on the run folder; this rank's Hydra overrides."""
+    _join_group()
     stamp = [os.environ.get(RUN_STAMP) or datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")]
     dist.broadcast_object_list(stamp, src=0)
     os.environ[RUN_STAMP] = stamp[0]
@@ -52,6 +64,47 @@ def start() -> list[str]:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def join_job() -> bool:
+    """In a submitit job of several tasks, join its process group; True when this call did.
+
+    submitit sets each task's rank, the job's hosts and id (SLURM's or the local controller's);
+    its TorchDistributedEnvironment turns them into torch's env:// variables, the port derived
+    from the job id (MASTER_PORT, where set, wins). Hydra has already set up this task's logging:
+    ranks other than 0 keep warnings and errors on the console and write no run.log, as under
+    torchrun. Outside such a job (or when torchrun already started the group): nothing.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or dist.is_initialized():
+        return False
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks == 1:
+        return False
+    submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False,
+        overwrite=True,  # LOCAL_RANK picks the GPU (gpu_index)
+    )
+    _join_group()
+    if rank() != 0:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):  # run.log: rank 0's
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(logging.WARNING)
+    return True
+
+
+def require_one_process(task: str) -> None:
+    """Fail when several processes were started for a task that runs in one."""
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched > 1 or world_size() > 1:
+        raise RuntimeError(
+            f"task={task} runs in one process, but {max(launched, world_size())} were started "
+            f"(torchrun, or a launcher's tasks_per_node): start it with `python run.py "
+            f"task={task} ...`; task=train and task=eval are the ones that run data-parallel"
+        )
 
 
 def world_size() -> int:
@@ -76,15 +129,23 @@ def check_started() -> None:
     if launched > 1 and not dist.is_initialized():
         raise RuntimeError(
             f"WORLD_SIZE={launched} but this process is in no process group: run.py joins it "
-            "in its __main__ (`torchrun --nproc_per_node=N run.py ...`); a Hydra launcher that "
-            "runs jobs in other processes (hydra/launcher=local) cannot run data-parallel jobs"
+            "in its __main__ (`torchrun --nproc_per_node=N run.py ...`) and the tasks of a "
+            "submitit job join theirs; the joblib launcher (hydra/launcher=local) runs jobs "
+            "outside any group: for data-parallel jobs side by side use hydra/launcher="
+            "slurm_local hydra.launcher.tasks_per_node=N"
         )
 
 
+def gpu_index() -> int:
+    """This process's GPU: its LOCAL_RANK among the visible ones (a scheduler that gives each
+    task only its own GPU makes that GPU 0)."""
+    return local_rank() % max(torch.cuda.device_count(), 1)
+
+
 def local_device(device: torch.device) -> torch.device:
-    """`cuda` without an index means this process's GPU (cuda:LOCAL_RANK) under torchrun."""
+    """`cuda` without an index means this process's GPU (`gpu_index`) when data-parallel."""
     if device.type == "cuda" and device.index is None and world_size() > 1:
-        return torch.device("cuda", local_rank())
+        return torch.device("cuda", gpu_index())
     return device
 
 
@@ -179,6 +240,15 @@ def gather(obj) -> list:
         return [obj]
     found = [None] * world_size()
     dist.all_gather_object(found, obj)
+    return found
+
+
+def gather_to_main(obj) -> list | None:
+    """Every process's `obj`, in rank order, on process 0; None on the others."""
+    if world_size() == 1:
+        return [obj]
+    found = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, found, dst=0)
     return found
 
 

@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from engine import distributed
 from engine.runinfo import atomic_write_text
 
 
@@ -115,6 +116,26 @@ def evaluate_model(
         logits.append(out.float().cpu())
         targets.append(torch.as_tensor(labels))
     return Evaluation(list(classes), torch.cat(logits), torch.cat(targets).long(), topk)
+
+
+def gather_shares(share: Evaluation) -> Evaluation | None:
+    """Data-parallel: the whole split's Evaluation on process 0 (None on the others).
+
+    Each process evaluated its share of the split in eval_loader's order (process r has images
+    r, r + N, r + 2N, ... of N processes); they are put back in dataset order. One process:
+    `share` itself.
+    """
+    shares = distributed.gather_to_main((share.logits, share.targets))
+    if shares is None:
+        return None
+    if len(shares) == 1:
+        return share
+    count, classes = sum(len(t) for _, t in shares), share.logits.shape[1]
+    logits, targets = torch.empty(count, classes), torch.empty(count, dtype=torch.long)
+    for r, (share_logits, share_targets) in enumerate(shares):
+        logits[r :: len(shares)] = share_logits
+        targets[r :: len(shares)] = share_targets
+    return Evaluation(share.classes, logits, targets, share.topk)
 
 
 def sample_paths(dataset: Dataset) -> list[str | None]:

@@ -7,7 +7,6 @@ DistributedDataParallel (engine/distributed.py) and the metrics are sums and mea
 
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -115,21 +114,22 @@ class UpdateCheck:
             torch._foreach_copy_(self.snapshot, self.buffers)
 
     def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int):
-        """(apply the update, stop requested), agreed by all processes."""
-        stop = float(self.stop.requested is not None)
+        """(apply the update, stop signal number or 0), agreed by all processes."""
+        stop = self.stop.requested or 0
         if not self.enabled and distributed.world_size() == 1:
-            return True, bool(stop)
+            return True, stop
         bad = torch.zeros((), device=loss.device)
         if self.enabled:
             finite = torch.isfinite(loss)
             if grad_norm is not None:
                 finite &= torch.isfinite(grad_norm)
             bad = (~finite).float()
-        flags = torch.stack([bad, torch.tensor(stop, device=loss.device)])
+        flags = torch.stack([bad, torch.tensor(float(stop), device=loss.device)])
         bad, stop = distributed.max_over_ranks(flags).tolist()  # the host sync
+        stop = int(stop)
         if not bad:
             self.in_a_row = 0
-            return True, bool(stop)
+            return True, stop
         self.in_a_row += 1
         if self.buffers:
             torch._foreach_copy_(self.buffers, self.snapshot)
@@ -144,7 +144,7 @@ class UpdateCheck:
                 "trainer.precision=bf16 instead of fp16, or check the data for NaN; "
                 f"trainer.max_bad_steps={self.max_bad_steps} is the limit"
             )
-        return False, bool(stop)
+        return False, stop
 
 
 def train_one_epoch(
@@ -465,8 +465,9 @@ def fit(
             batches=position.batches if position is not None else None,
         )
 
-    def after_update(step_now: int, position: EpochProgress, stop: bool) -> None:
-        """Mid-epoch: a checkpoint every `checkpoint_every_updates`, and on a stop signal."""
+    def after_update(step_now: int, position: EpochProgress, stop: int) -> None:
+        """Mid-epoch: a checkpoint every `checkpoint_every_updates`, and on a stop signal (its
+        number, agreed by the processes; 0: none)."""
         nonlocal step
         step = step_now
         every = checkpoint_every_updates
@@ -474,7 +475,7 @@ def fit(
         if stop or (periodic and position.batches < train_batches):
             save(epoch, is_best=False, metrics=metrics, position=position)
         if stop:
-            stopper.after_checkpoint()
+            stopper.after_checkpoint(stop)
 
     metrics: dict = {}
     epoch = start_epoch
@@ -544,7 +545,8 @@ def fit(
                     break
                 except Interrupted:
                     save(epoch, is_best=False, metrics=metrics, position=position)
-                    stopper.after_checkpoint()  # exits, unless an earlier handler lets it go on
+                    # exits, unless an earlier handler lets it go on
+                    stopper.after_checkpoint(stopper.requested)
             val = vals["model"]
             metrics = {
                 "epoch": epoch + 1,
@@ -582,8 +584,10 @@ def fit(
                 metrics["time/epoch_s"],
             )
             progress.update(epoch_task, advance=1, metrics=f"val acc1 {val['acc1']:.2f}")
-            if distributed.any_rank(stopper.requested is not None):
-                stopper.requested = stopper.requested or signal.SIGTERM  # a process that has none
-                stopper.after_checkpoint()  # arrived after the last update: saved just now
+            # a signal that arrived after the epoch's last update: saved just now (the
+            # all-reduce also waits for process 0's checkpoint)
+            signum = int(distributed.max_over_ranks(torch.tensor(stopper.requested or 0)))
+            if signum:
+                stopper.after_checkpoint(signum)
     logger.summary({f"best/{k}": v for k, v in best.items()})
     return {**metrics, **{f"best/{k}": v for k, v in best.items()}, "step": step}

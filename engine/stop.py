@@ -3,13 +3,18 @@
 SLURM sends SIGTERM at preemption and at the time limit (then SIGKILL after KillWait, 30 s by
 default), or the signal of `--signal=USR1@90` ahead of it; submitit's jobs get SIGUSR2. The
 handler only notes the signal: the loop checks `requested` at each update, writes a checkpoint of
-where it is, and calls `leave()`, which hands over to the handler that was there before
+where it is, and calls `after_checkpoint()`, which hands over to the handler that was there before
 (submitit's requeues the job) or exits with status 128 + signal number.
+
+Data-parallel, the processes agree on the signal (the largest number any of them got) in the
+update's all-reduce, so all of them stop at the same update even when one alone was signalled.
 """
 
 import logging
 import signal
 import threading
+
+from engine import distributed
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,30 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def after_checkpoint(self) -> None:
-        """The checkpoint is written: the earlier handler decides, or the process exits."""
-        signum, self.requested = self.requested, None
+    def after_checkpoint(self, signum: int) -> None:
+        """The checkpoint is written: the earlier handler decides, or the process exits.
+
+        `signum`: the signal all processes agreed on. With an earlier handler and several
+        processes, process 0's handler decides for all: submitit's requeues the job from
+        process 0 and ends it (the others then leave with status 0, as submitit expects of
+        them); one that returns (submitit's for SIGTERM) lets every process go on.
+        """
+        self.requested = None
         previous = self._previous.get(signum)
-        if callable(previous):
-            previous(signum, None)  # submitit's requeues and exits; its SIGTERM handler returns
+        if not callable(previous):
+            distributed.barrier()  # process 0's checkpoint is complete before anyone leaves
+            self._restore()
+            raise SystemExit(128 + signum)
+        if distributed.world_size() == 1:
+            previous(signum, None)
             return
-        self._restore()
-        raise SystemExit(128 + signum)
+        if distributed.is_main():
+            try:
+                previous(signum, None)
+            except BaseException:
+                distributed.from_main(True)  # the job ends: the others leave too
+                raise
+            distributed.from_main(False)
+        elif distributed.from_main(None):
+            self._restore()
+            raise SystemExit(0)

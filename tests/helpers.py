@@ -102,3 +102,41 @@ def composed(*overrides: str, hydra: bool = False):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid ...; comm may hold spaces and parentheses
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    found = child_pids(pid)
+    return found + [d for child in found for d in descendants(child)]
+
+
+def assert_ends_as(straight: Path, broken: Path) -> None:
+    """A stopped and resumed run ends as the uninterrupted one: the same metrics at every epoch,
+    the same loss records and the same final weights, bit for bit."""
+    import torch
+
+    expected, got = epoch_records(straight), epoch_records(broken)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
+    for a, b in zip(expected, got, strict=True):
+        for key in ("step", "train/epoch_loss", "val/loss", "val/acc1", "val/acc5"):
+            assert a[key] == b[key], (key, a, b)
+    losses = [(r["step"], r["train/loss"]) for r in read_jsonl(straight) if "train/loss" in r]
+    assert [(r["step"], r["train/loss"]) for r in read_jsonl(broken) if "train/loss" in r] == losses
+
+    final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    final_b = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)
+    for name, tensor in final_a["model"].items():
+        assert torch.equal(tensor, final_b["model"][name]), name

@@ -1,9 +1,13 @@
 """`torchrun --nproc_per_node=2 run.py`: data-parallel training on the CPU (gloo), checked against
 one process with the same global batch."""
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +18,16 @@ from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 from data import Splits
 from data.digits import digits
 from data.loaders import ShardSampler, eval_loader, make_loaders, seed_epoch
+from engine import checkpoint
 from engine.loop import evaluate
 from engine.predict import load_trained
 from tests.helpers import (
+    REPO,
     RUN_PY,
+    TINY,
+    assert_ends_as,
     clean_env,
+    descendants,
     epoch_records,
     read_jsonl,
     run_py,
@@ -186,3 +195,109 @@ def test_multirun_under_torchrun_gives_each_job_one_folder(tmp_path):
         assert (sweep / job / "checkpoints" / "last.pt").is_file()
         assert len(wandb_runs(sweep / job)) == 1
         assert [r["epoch"] for r in epoch_records(sweep / job)] == [1]
+
+
+@pytest.mark.slow  # 2 jobs x 2 processes, then a torchrun run: ~70 s on 2 CPU cores
+def test_multirun_jobs_of_two_tasks_each_train_in_their_own_process_group(tmp_path):
+    """hydra/launcher=slurm_local with tasks_per_node=2: each job of the sweep is a group of 2
+    processes (submitit's local executor, as SLURM runs the tasks of a job), training exactly
+    as torchrun's 2 processes do."""
+    quick = [
+        "model.name=test_resnet",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=4",
+        "sched.warmup_epochs=0",
+        f"data.batch_size={BATCH}",
+    ]
+    run_py(
+        "-m",
+        "hydra/launcher=slurm_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.gpus_per_node=0",
+        "optim.lr=1e-3,3e-3",
+        *quick,
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    for job in ("0", "1"):
+        folder = sweep / job
+        assert len(wandb_runs(folder)) == 1, "process 0 alone logs to W&B"
+        run_log = (folder / "run.log").read_text()
+        assert run_log.count(f"x global batch {2 * BATCH}") == 1, "one group, process 0 writes"
+        assert len(torch.load(folder / "checkpoints" / "last.pt")["rng_ranks"]) == 2
+    # submitit's logs: two submitit jobs (one per sweep job), each with tasks 0 and 1
+    task_logs = sorted(p.name.split("_", 1)[1] for p in (sweep / ".submitit").glob("*/*_log.out"))
+    assert task_logs == ["0_log.out", "0_log.out", "1_log.out", "1_log.out"]
+    # the same training as torchrun's: identical weights after the same updates
+    torchrun(
+        "optim.lr=1e-3", *quick, "logger=none", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path
+    )
+    ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt")["model"]
+    jobs = {job: torch.load(sweep / job / "checkpoints" / "last.pt")["model"] for job in "01"}
+    assert all(torch.equal(ddp[k], jobs["0"][k]) for k in ddp)
+    assert not all(torch.equal(ddp[k], jobs["1"][k]) for k in ddp), "job 1 trained with its lr"
+
+
+# 3 epochs of 4 updates, 2 processes of 16 images each; a checkpoint after every update
+STOP_SETTINGS = [
+    *TINY,
+    "trainer.epochs=3",
+    "data.batch_size=16",
+    "logger=none",
+    "trainer.checkpoint_every_updates=1",
+]
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory):
+    """An uninterrupted 2-process run: what every stopped and resumed one must end as."""
+    cwd = tmp_path_factory.mktemp("straight_ddp")
+    torchrun(*STOP_SETTINGS, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    return cwd / "run"
+
+
+@pytest.mark.slow  # three torchrun starts, ~90 s on 2 CPU cores
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_torchrun_run_stopped_mid_epoch_resumes_exactly_as_an_uninterrupted_one(
+    straight_ddp, tmp_path, sig
+):
+    """SIGKILL to every process (a node lost), or SIGTERM to every process (what SLURM and
+    `scancel` send to a job step): the same command with resume=auto ends bit for bit as an
+    uninterrupted 2-process run."""
+    broken = tmp_path / "broken"
+    settings = [*STOP_SETTINGS, f"hydra.run.dir={broken}"]
+    if sig == signal.SIGTERM:  # no mid-epoch checkpoint but the one the signal asks for
+        settings.append("trainer.checkpoint_every_updates=null")
+    proc = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(RUN_PY), *settings],
+        cwd=tmp_path,
+        env=clean_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = "epoch_0001_batch_000002.pt" if sig == signal.SIGKILL else "epoch_0001.pt"
+    deadline = time.monotonic() + 300
+    while not (broken / "checkpoints" / first).exists():
+        assert proc.poll() is None, f"ended before {first}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {first} within 300 s"
+        time.sleep(0.005)
+    # every process: torchrun starts each worker in a session of its own
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (broken / "checkpoints" / "epoch_0003.pt").exists(), "stopped too late"
+    if sig == signal.SIGTERM:
+        assert "received SIGTERM" in (broken / "run.log").read_text(), stderr[-3000:]
+        saved = checkpoint.find_latest(broken / "checkpoints")
+        assert saved.name != first, f"no checkpoint for the signal: {stderr[-3000:]}"
+
+    torchrun(*settings, "resume=auto", cwd=tmp_path)
+    log = (broken / "run.log").read_text()
+    if sig == signal.SIGKILL:
+        assert "batches into the next" in log.split("resumed after epoch ")[1].splitlines()[0]
+    assert [r["epoch"] for r in epoch_records(broken)] == [1, 2, 3]
+    assert_ends_as(straight_ddp, broken)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -21,7 +22,9 @@ from tests.helpers import (
     REPO,
     RUN_PY,
     TINY,
+    child_pids,
     clean_env,
+    descendants,
     epoch_records,
     read_jsonl,
     records_of,
@@ -114,23 +117,14 @@ def test_slurm_launcher_asks_sbatch_for_what_its_file_says(tmp_path, monkeypatch
     assert str(tmp_path / ".submitit") in sbatch  # logs beside the jobs
 
 
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # pid (comm) state ppid ...; comm may hold spaces and parentheses
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    found = child_pids(pid)
-    return found + [d for child in found for d in descendants(child)]
+def wait_for_children(pid: int, count: int, proc: subprocess.Popen, timeout: float = 60):
+    """The `count` child processes of `pid` (a submitit controller starts a job's tasks)."""
+    deadline = time.monotonic() + timeout
+    while len(found := child_pids(pid)) < count:
+        assert proc.poll() is None, f"run.py -m exited ({proc.returncode}) before the tasks ran"
+        assert time.monotonic() < deadline, f"{found} of {count} tasks within {timeout} s"
+        time.sleep(0.02)
+    return found
 
 
 def wait_for(paths, proc: subprocess.Popen, what: str, timeout: float = 300) -> Path:
@@ -145,7 +139,8 @@ def wait_for(paths, proc: subprocess.Popen, what: str, timeout: float = 300) -> 
 
 @pytest.mark.slow  # two starts of a training job, ~40 s on 2 CPU cores
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the job through /proc")
-def test_slurm_local_job_preempted_is_requeued_and_resumes_its_run(tmp_path):
+@pytest.mark.parametrize("tasks", [1, 2], ids=["one-task", "data-parallel-two-tasks"])
+def test_slurm_local_job_preempted_is_requeued_and_resumes_its_run(tmp_path, tasks):
     epochs = 4
     # submitit starts the job as `python -m submitit.core._submit` in the launching folder: the
     # repo's packages come from there, or (as here, launching from tmp_path) from PYTHONPATH
@@ -155,12 +150,14 @@ def test_slurm_local_job_preempted_is_requeued_and_resumes_its_run(tmp_path):
             str(RUN_PY),
             "-m",
             "hydra/launcher=slurm_local",
+            f"hydra.launcher.tasks_per_node={tasks}",
+            "hydra.launcher.gpus_per_node=0",
             *TINY,
             f"trainer.epochs={epochs}",
-            "data.batch_size=32",
+            f"data.batch_size={32 // tasks}",
         ],
         cwd=tmp_path,
-        env=clean_env(PYTHONPATH=str(REPO)),
+        env=clean_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -173,10 +170,11 @@ def test_slurm_local_job_preempted_is_requeued_and_resumes_its_run(tmp_path):
         job = first.parent.parent
         # the submitit job id is the pid of the local controller, which runs the job's process
         controller = wait_for(lambda: job.parent.glob(".submitit/[0-9]*"), proc, "submitit job")
-        (task,) = child_pids(int(controller.name))
-        # what SLURM sends before the time limit or on preemption, and what submitit's local
-        # controller sends at timeout_min - signal_delay_s (submitit's USR_SIG)
-        os.kill(task, signal.SIGUSR2)
+        started = wait_for_children(int(controller.name), tasks, proc)
+        # what SLURM sends every task before the time limit or on preemption, and what
+        # submitit's local controller sends at timeout_min - signal_delay_s (submitit's USR_SIG)
+        for task in started:
+            os.kill(task, signal.SIGUSR2)
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:  # a failed check above: end the sweep, the job and its helpers
@@ -201,6 +199,10 @@ def test_slurm_local_job_preempted_is_requeued_and_resumes_its_run(tmp_path):
     steps = [r["step"] for r in read_jsonl(job) if "train/loss" in r]
     assert steps == sorted(set(steps)), "no step may be recorded twice"
     assert (job / "checkpoints" / f"epoch_{epochs:04d}.pt").is_file()
+    # data-parallel: the job's tasks formed one group (a global batch of 32), process 0 wrote
+    last = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+    assert len(last.get("rng_ranks", [None])) == tasks
+    assert run_log.count("per 64 examples x global batch 32") == 2, "one line per start"
     # ...and the same W&B run: the interrupted attempt closed as failed, the requeued one done
     interrupted, requeued = (wandb_records(run) for run in wandb_runs(job))
     assert wandb_run_id(interrupted) == wandb_run_id(requeued)

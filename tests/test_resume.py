@@ -12,6 +12,7 @@ from engine import checkpoint
 from tests.helpers import (
     RUN_PY,
     TINY,
+    assert_ends_as,
     clean_env,
     epoch_records,
     read_jsonl,
@@ -53,22 +54,6 @@ def straight(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("straight")
     run_py(*SETTINGS, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
     return cwd / "run"
-
-
-def assert_ends_as(straight, broken) -> None:
-    """Same metrics at every epoch, same loss records, same final weights, bit for bit."""
-    expected, got = epoch_records(straight), epoch_records(broken)
-    assert [r["epoch"] for r in got] == [1, 2, 3, 4]
-    for a, b in zip(expected, got, strict=True):
-        for key in ("step", "train/epoch_loss", "val/loss", "val/acc1", "val/acc5"):
-            assert a[key] == b[key], (key, a, b)
-    losses = [(r["step"], r["train/loss"]) for r in read_jsonl(straight) if "train/loss" in r]
-    assert [(r["step"], r["train/loss"]) for r in read_jsonl(broken) if "train/loss" in r] == losses
-
-    final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    final_b = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)
-    for name, tensor in final_a["model"].items():
-        assert torch.equal(tensor, final_b["model"][name]), name
 
 
 def resumed_from(run_dir) -> str:
