@@ -19,6 +19,7 @@ from data import Splits
 from data.digits import digits
 from data.loaders import ShardSampler, eval_loader, make_loaders, seed_epoch
 from engine import checkpoint
+from engine.evaluate import read_results
 from engine.loop import evaluate
 from engine.predict import load_trained
 from tests.helpers import (
@@ -301,3 +302,26 @@ def test_torchrun_run_stopped_mid_epoch_resumes_exactly_as_an_uninterrupted_one(
         assert "batches into the next" in log.split("resumed after epoch ")[1].splitlines()[0]
     assert [r["epoch"] for r in epoch_records(broken)] == [1, 2, 3]
     assert_ends_as(straight_ddp, broken)
+
+
+@pytest.mark.slow  # torchrun eval and a one-process eval of the runs fixture's model
+def test_eval_under_torchrun_scores_the_whole_split_as_one_process_does(runs, tmp_path):
+    _, ddp, _ = runs
+    torchrun("task=eval", f"task.ckpt={ddp}", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    run_py("task=eval", f"task.ckpt={ddp}", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    two, one = (read_results(tmp_path / name / "eval") for name in ("two", "one"))
+    assert two[0]["eval/images"] == one[0]["eval/images"] == 360  # every image once
+    assert two[0]["eval/acc1"] == one[0]["eval/acc1"]
+    assert (two[2] == one[2]).all(), "the same confusion matrix"
+    # in dataset order, image by image (scores agree to float32 rounding across batch sizes)
+    assert [p["index"] for p in two[3]] == list(range(360))
+    assert [(p["target"], p["pred"]) for p in two[3]] == [(p["target"], p["pred"]) for p in one[3]]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(two[3], one[3], strict=True)) < 1e-5
+    assert len(wandb_runs(tmp_path / "two")) == 1, "process 0 alone logs the evaluation"
+
+
+@pytest.mark.parametrize("task", ["predict", "export", "serve"])
+def test_one_process_tasks_refuse_to_run_under_torchrun(task, run_task, tiny_run, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    with pytest.raises(RuntimeError, match=f"task={task} runs in one process, but 2 were"):
+        run_task(f"task={task}", f"task.ckpt={tiny_run}")
