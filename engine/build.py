@@ -110,6 +110,8 @@ def _load_for_resume(path: Path) -> dict:
         raise ValueError(
             f"{str(path)!r} holds weights only (no training state) and cannot be resumed"
         )
+    # resume=<file>, <folder> and auto alike: the saved config is a file's content
+    checks.check_saved_config(state["config"], path)
     return state
 
 

@@ -141,11 +141,20 @@ def load(path: str | Path) -> dict:
             f"{str(path)!r} is not a checkpoint of this repo (no 'model' and 'config' entries); "
             "for plain weights use model.weights=... instead of resume=..."
         )
+    return verify(ckpt, path)
+
+
+def verify(ckpt: dict, path: str | Path) -> dict:
+    """`ckpt` without its checksum entry, if its content matches it; else a ValueError (damaged).
+
+    For every reader of this repo's checkpoints (load, model.weights=<checkpoint>): one check.
+    """
     stored = ckpt.pop("checksum", None)
     if stored is not None and stored != content_digest(ckpt):
         raise ValueError(
             f"{str(path)!r} is damaged: its content does not match the checksum saved with it "
-            "(a bit flipped on disk or in transfer); resume from an earlier checkpoint"
+            "(a bit flipped on disk or in transfer); use an earlier checkpoint of the run "
+            "(resume from it) or copy the file again"
         )
     return ckpt
 

@@ -1,12 +1,12 @@
 """Config checks that run before anything is built: a bad value fails in a second, not an hour in.
 
     check_config(cfg)          every task's first call (run.py), and a resumed run's config
-    check_targets(cfg)         every `_target_` is a callable of this repo, torch, torchvision
-                               or timm; engine.build.build runs it before each instantiate
+    check_targets(cfg)         every `_target_` is on ALLOWED_TARGETS (or IMGCLS_EXTRA_TARGETS);
+                               engine.build.build runs it before each instantiate
     check_saved_config(d, f)   a config read from file f: allowed targets, no interpolation
 
 Each message names the key, the bad value and what to write instead. A config from a checkpoint
-or an export sidecar is data from a file: its `_target_`s pass the same allow-list, so loading a
+or an export sidecar is data from a file: its `_target_`s pass the same list, so loading a
 model never calls whatever a file names.
 """
 
@@ -20,45 +20,42 @@ from types import ModuleType
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-ALLOWED_TARGETS = ("models", "data", "engine", "analysis", "torch", "torchvision", "timm")
-# your own packages besides those (a lab's model zoo): IMGCLS_EXTRA_TARGETS=mylab,otherlab. An
-# environment variable, not a config key: a config or a checkpoint cannot widen its own list.
+# Every callable a config may instantiate: exactly the `_target_`s of conf/ (a test keeps the two
+# equal). A list of callables, not of packages: `timm.` or `torch.` would admit
+# timm.models.load_state_dict(checkpoint_path=..., weights_only=False), which unpickles, and so
+# runs, any file a config names. A new builder in conf/ is added here, in the same review.
+ALLOWED_TARGETS = (
+    "data.annfile.annfile",
+    "data.cifar.cifar10",
+    "data.cifar.cifar100",
+    "data.digits.digits",
+    "data.digits.mnist5k",
+    "data.folders.imagefolder",
+    "data.folders.imagenet",
+    "data.mnist.fashion_mnist",
+    "data.mnist.mnist",
+    "engine.optim.create_optimizer",
+    "engine.schedules.constant",
+    "engine.schedules.cosine",
+    "engine.schedules.multistep",
+    "engine.schedules.poly",
+    "engine.schedules.step",
+    "models.speednet.speednet",
+    "models.timm_models.create",
+)
+# Your own builders besides those, comma-separated, each either
+#   a callable:  mylab.models.build_net   that one function or class, wherever it is defined
+#   a module:    mylab.models             the functions and classes *defined in* mylab/models.py
+#                                         (`mylab.models.<name>`, one level): not the names it
+#                                         imports (its `os`, a `torch.load` it imported), not
+#                                         its submodules, not _private names
+# An environment variable, not a config key: a config or a checkpoint cannot widen its own list.
 EXTRA_TARGETS = "IMGCLS_EXTRA_TARGETS"
-# Inside the allowed packages: entry points that run code from strings, start processes, load
-# native code or pickles, open sockets, or download and write files. A config names builders
-# (models, datasets, optimizers, schedules); none of these is one.
-BLOCKED_TARGETS = (
-    "torch.hub",
-    "torch.utils.cpp_extension",
-    "torch.utils.collect_env",
-    "torch.utils.benchmark",
-    "torch.utils.model_zoo",
-    "torch.utils.tensorboard",
-    "torch.distributed",
-    "torch.multiprocessing",
-    "torch.package",
-    "torch.jit",
-    "torch.serialization",
-    "torch.ops",
-    "torch.classes",
-    "torch.library",
-    "torch.fx",
-    "torch.export",
-    "torch.onnx",
-    "torch.profiler",
-    "torchvision.io",
-    "torchvision.utils",
-    "torchvision.datasets.utils",
-    "timm.utils",
-    "timm.models._hub",
-    "engine.runinfo",
-    "engine.checkpoint",
-    "engine.export",
-    "engine.serve",
-    "engine.logger",
-    "engine.distributed",
-    "engine.predict.write_predictions",
-    "engine.checks",
+EXTEND_HINT = (
+    "a config instantiates only the builders this repo's conf/ uses (engine/checks.py "
+    f"ALLOWED_TARGETS); to allow your own, set {EXTRA_TARGETS} in the environment to callables "
+    "(mylab.models.build_net) or modules (mylab.models: the functions and classes defined in it), "
+    "comma-separated"
 )
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # keyword arguments engine/build.py passes at the call site: not config keys
@@ -82,13 +79,9 @@ LATE_ARGUMENTS = {
 FIT_LATE = {"seed": "the top-level seed", "num_classes": "the dataset", "resume": "resume=..."}
 
 
-def allowed_packages() -> tuple[str, ...]:
-    extra = [p.strip() for p in os.environ.get(EXTRA_TARGETS, "").split(",") if p.strip()]
-    return (*ALLOWED_TARGETS, *extra)
-
-
-def allowed_prefixes() -> str:
-    return ", ".join(f"{p}." for p in allowed_packages())
+def extra_targets() -> tuple[str, ...]:
+    """IMGCLS_EXTRA_TARGETS's entries: callables and modules the user allows besides the list."""
+    return tuple(p.strip() for p in os.environ.get(EXTRA_TARGETS, "").split(",") if p.strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +91,10 @@ def allowed_prefixes() -> str:
 def check_targets(cfg, root: str | None = None) -> None:
     """Raise a ValueError unless every `_target_` in `cfg` names an allowed callable.
 
-    Walks the whole config (lists too). Nothing is instantiated; modules of the allowed packages
-    are imported to see what a name really is: `torch.os.system` starts with `torch.` but is
-    os.system, and `engine.build.instantiate` is Hydra's. The top-level `hydra` node (launcher
-    and logging plugins, which Hydra instantiates itself) is left out.
+    Walks the whole config: nested nodes, lists, `_args_`, `_partial_` nodes, every key, and the
+    value an interpolation resolves to (`${oc.create:...}` makes a node from a string). Nothing is
+    instantiated. The top-level `hydra` node (launcher and logging plugins, which Hydra
+    instantiates itself before run.py runs) is left out of a composed config.
     """
     if root is None:
         root = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
@@ -113,37 +106,45 @@ def check_target(path: str, target) -> Callable:
     """The callable `target` names, if it is allowed; `path` (e.g. model._target_) is for errors."""
 
     def refuse(why: str) -> ValueError:
-        return ValueError(
-            f"{path}={target!r} is not allowed: {why}. A _target_ names a builder of this repo "
-            f"or of torch, torchvision or timm; allowed prefixes: {allowed_prefixes()} "
-            f"(your own packages: {EXTRA_TARGETS}=name1,name2 in the environment)"
-        )
+        return ValueError(f"{path}={target!r} is not allowed: {why}; {EXTEND_HINT}")
 
     if not isinstance(target, str) or not target:
         raise refuse("a _target_ is a dotted name (module.function)")
-    parts = target.split(".")
-    if parts[0] not in allowed_packages():
-        raise refuse(f"{parts[0]!r} is not one of the allowed packages")
-    if any(not p.isidentifier() or p.startswith("_") for p in parts):
+    if target in ALLOWED_TARGETS:
+        return _locate(target, refuse)
+    extras = extra_targets()
+    module = target.rpartition(".")[0]
+    if target not in extras and module not in extras:
+        close = difflib.get_close_matches(target, ALLOWED_TARGETS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise refuse(f"it is not one of the callables this repo's configs use{hint}")
+    if any(not p.isidentifier() or p.startswith("_") for p in target.split(".")):
         raise refuse("each part must be a public Python name (no _private or __dunder__)")
-    if _blocked(target):
-        raise refuse(f"{_blocked(target)} runs code, processes or file I/O rather than building")
     found = _locate(target, refuse)
     if isinstance(found, ModuleType) or not callable(found):
         raise refuse(f"it is a {type(found).__name__}, not a function or class")
-    module = getattr(found, "__module__", None)
-    if not isinstance(module, str) or module.split(".")[0] not in allowed_packages():
-        raise refuse(f"it is {module}.{getattr(found, '__qualname__', '?')}, defined elsewhere")
-    defined_as = f"{module}.{getattr(found, '__qualname__', parts[-1])}"
-    if _blocked(defined_as):
-        raise refuse(f"it is {defined_as}; {_blocked(defined_as)} is not a builder")
+    defined_in = getattr(found, "__module__", None)
+    if target not in extras and defined_in != module:
+        # `mylab.models` allows what mylab/models.py defines, not what it imported (os.system)
+        raise refuse(
+            f"{EXTRA_TARGETS} allows the module {module!r}, but this is "
+            f"{defined_in}.{getattr(found, '__qualname__', '?')}, which it only imports"
+        )
     return found
 
 
 def check_saved_config(config, source) -> None:
     """A config read from a file (a checkpoint, an export sidecar): allowed `_target_`s only, and
     no interpolation. This repo saves configs resolved, so a `${...}` was put there by someone
-    else, and `${oc.env:AWS_SECRET_ACCESS_KEY}` would copy a secret into the run's files."""
+    else: `${oc.env:AWS_SECRET_ACCESS_KEY}` would copy a secret into the run's files, and
+    `${oc.create:...}` would make a node that no check has seen. Its `hydra` node is checked too:
+    nothing this repo saves has one."""
+    if not isinstance(config, Mapping):
+        # OmegaConf.create would parse a string as YAML: a config no check has seen
+        raise ValueError(
+            f"{str(source)!r}: its saved config is a {type(config).__name__}, not a mapping of "
+            "keys to values; the file was not written by this repo: refused"
+        )
     for path, value in _strings(config, ""):
         if "${" in value:
             raise ValueError(
@@ -151,24 +152,25 @@ def check_saved_config(config, source) -> None:
                 "configs this repo saves are resolved, so the file was not written by it: refused"
             )
     try:
-        check_targets(config, root="")
+        for path, target in _targets(config, ""):
+            check_target(path, target)
     except ValueError as err:
         raise ValueError(f"{str(source)!r}: its saved config is refused: {err}") from None
 
 
 def _strings(node, path: str):
+    """(key path, string) of every string in `node`, keys included."""
     if isinstance(node, str):
         yield path, node
     elif isinstance(node, Mapping):
         for key, value in node.items():
-            yield from _strings(value, f"{path}.{key}" if path else str(key))
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                yield where, key
+            yield from _strings(value, where)
     elif isinstance(node, Sequence) and not isinstance(node, bytes):
         for i, value in enumerate(node):
             yield from _strings(value, f"{path}[{i}]")
-
-
-def _blocked(name: str) -> str | None:
-    return next((b for b in BLOCKED_TARGETS if name == b or name.startswith(f"{b}.")), None)
 
 
 def _locate(target: str, refuse) -> object:
@@ -190,34 +192,47 @@ def _locate(target: str, refuse) -> object:
         else:
             raise refuse(f"{dotted!r} does not exist")
         if isinstance(found, ModuleType) and found.__name__ != dotted:
-            # a module imported under another name (`torch.os` is os): not the package's own
+            # a module imported under another name (`mylab.os` is os): not the package's own
             raise refuse(f"{dotted!r} is the module {found.__name__!r}")
     return found
 
 
-def _targets(node, path: str, top: bool = False):
-    """(key path, value) of every `_target_` under `node`, a config or plain dicts and lists."""
+MAX_DEPTH = 64  # deeper than any real config: a reference cycle (`a: {b: ${a}}`) stops here
+
+
+def _targets(node, path: str, top: bool = False, depth: int = 0):
+    """(key path, value) of every `_target_` under `node`, a config or plain dicts and lists.
+
+    An interpolation is walked as what it resolves to, as instantiate will see it; one that
+    cannot resolve here (a `${hydra:...}` outside Hydra, a missing key) cannot be instantiated
+    either, and is left to fail there.
+    """
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{path or 'the config'} is nested over {MAX_DEPTH} deep (a cycle?)")
     if isinstance(node, DictConfig | Mapping):
-        keys = list(node.keys())
-        for key in keys:
+        for key in list(node.keys()):
             if top and key == "hydra" and path == "":
                 continue
             where = f"{path}.{key}" if path else str(key)
             if key == "_target_":
-                yield where, node[key]
-                continue
-            if isinstance(node, DictConfig) and (
-                OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key)
-            ):
-                continue  # `???`, or a reference to a node that is walked where it lives
-            yield from _targets(node[key], where)
+                yield where, _value(node, key)
+            elif not (isinstance(node, DictConfig) and OmegaConf.is_missing(node, key)):
+                yield from _targets(_value(node, key), where, depth=depth + 1)
     elif isinstance(node, ListConfig | Sequence) and not isinstance(node, str | bytes):
         for i in range(len(node)):
-            if isinstance(node, ListConfig) and (
-                OmegaConf.is_missing(node, i) or OmegaConf.is_interpolation(node, i)
-            ):
-                continue
-            yield from _targets(node[i], f"{path}[{i}]")
+            if not (isinstance(node, ListConfig) and OmegaConf.is_missing(node, i)):
+                yield from _targets(_value(node, i), f"{path}[{i}]", depth=depth + 1)
+
+
+_UNRESOLVED = object()
+
+
+def _value(node, key):
+    """node[key], resolved; _UNRESOLVED (walked as a leaf) when it cannot resolve here."""
+    try:
+        return node[key]
+    except Exception:  # any resolver's failure: instantiate's own resolution fails the same way
+        return _UNRESOLVED
 
 
 # ---------------------------------------------------------------------------------------------

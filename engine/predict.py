@@ -119,10 +119,11 @@ def _load_safetensors(source: Path, use_ema: bool) -> Trained:
             "export with task=export, or load the bare weights with model.weights=<file>"
         )
     meta = json.loads(sidecar.read_text())
-    if meta.get("format") != SIDECAR_FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != SIDECAR_FORMAT:
         raise ValueError(
             f"{str(sidecar)!r} is not an export sidecar of this repo "
-            f"(format {meta.get('format')!r}, expected {SIDECAR_FORMAT!r})"
+            f"(format {found!r}, expected {SIDECAR_FORMAT!r})"
         )
     if use_ema and meta.get("weights") != "ema":
         raise ValueError(
@@ -143,7 +144,8 @@ def _build(config, classes, preprocess, state, in_chans, source, info) -> Traine
     from engine.build import build_model_for
     from engine.checks import check_saved_config
 
-    check_saved_config(config, source)  # before OmegaConf reads it: it is a file's content
+    # before OmegaConf reads it (a checkpoint's or a sidecar's): it is a file's content
+    check_saved_config(config, source)
     if in_chans is None:
         in_chans = int(preprocess["input_size"][0])
     cfg = OmegaConf.create(config)

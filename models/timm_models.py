@@ -4,6 +4,7 @@ which preprocessing it expects.
 `conf/model/*.yaml` configure `create`; the data transforms read `preprocessing`.
 """
 
+import argparse
 import difflib
 import logging
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.data import resolve_data_config
-from timm.models import adapt_input_conv, group_parameters, load_state_dict
+from timm.models import adapt_input_conv, clean_state_dict, group_parameters
 from timm.utils import freeze as freeze_modules
 from torch import nn
 
@@ -176,9 +178,13 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         )
     try:
         # safetensors, or torch.load(weights_only=True): never runs code from the file, and
-        # there is no fallback to a full unpickle. Unwraps {'model': ...} / {'state_dict': ...},
-        # strips DDP and torch.compile prefixes.
-        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+        # there is no fallback to a full unpickle
+        if path.suffix == ".safetensors":
+            content = load_file(path)
+        else:
+            # timm's train.py saves its arguments as an argparse.Namespace: data, not code
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         unsafe = _unsafe_globals(path)
         told = f"{err} {err.__cause__}"
@@ -195,6 +201,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
             f"({type(err).__name__}: {err}); expected a .safetensors file or a torch.save'd "
             "state dict (.pth / .pt), plain or under 'model' / 'state_dict'"
         ) from err
+    state = _state_dict(content, path)
     # timm's own per-architecture conversion (original-repo layouts, resampled position
     # embeddings), the one it applies to hub weights; a convention of timm's model modules
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
@@ -255,6 +262,30 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         )
     log.info("model.weights=%s: %d tensors loaded", path, len(state))
     return skipped
+
+
+def _state_dict(content, path: Path) -> dict:
+    """The weights in a loaded file: unwraps {'model': ...} / {'state_dict': ...}, strips DDP and
+    torch.compile prefixes. A checkpoint of this repo (it carries a checksum) is verified first,
+    by the check eval and resume run: a bit-flipped file is refused, not fine-tuned from."""
+    if isinstance(content, dict) and "checksum" in content:
+        # engine/checkpoint.py owns the format: one verification for every reader of it
+        from engine.checkpoint import verify
+
+        try:
+            content = verify(content, path)
+        except ValueError as err:
+            raise ValueError(f"model.weights={str(path)!r}: {err}") from None
+    if isinstance(content, dict):
+        key = next((k for k in ("state_dict", "model") if k in content), None)
+        content = content[key] if key else content
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"model.weights={str(path)!r} holds a {type(content).__name__}, not a state dict; "
+            "expected a .safetensors file or a torch.save'd state dict (.pth / .pt), plain or "
+            "under 'model' / 'state_dict'"
+        )
+    return clean_state_dict(content)
 
 
 def _unsafe_globals(path: Path) -> list[str]:

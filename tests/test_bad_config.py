@@ -61,7 +61,7 @@ CASES = [
     ),
     (
         ["model._target_=os.system"],
-        ["model._target_='os.system' is not allowed", "models., data., engine."],
+        ["model._target_='os.system' is not allowed", "IMGCLS_EXTRA_TARGETS"],
     ),
 ]
 
