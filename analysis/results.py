@@ -95,13 +95,16 @@ def sample_pictures(folder: Path, rows: list[dict], classes: list[str]) -> list[
     from omegaconf import OmegaConf
 
     from engine.build import build_eval_data
+    from engine.checks import check_saved_config
 
     config = folder.parent / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(
             f"{str(config)!r} is missing: the evaluation's config rebuilds its in-memory dataset"
         )
-    cfg = OmegaConf.load(config)
+    saved = OmegaConf.to_container(OmegaConf.load(config))
+    check_saved_config(saved, config)  # a file's content: listed builders only, no ${...}
+    cfg = OmegaConf.create(saved)
     dataset, _ = build_eval_data(cfg, classes, cfg.task.split)
     return [to_picture(dataset[row["index"]][0]) for row in rows]
 
