@@ -215,7 +215,9 @@ def _targets(node, path: str, top: bool = False, depth: int = 0):
                 continue
             where = f"{path}.{key}" if path else str(key)
             if key == "_target_":
-                yield where, _value(node, key)
+                target = _value(node, key)
+                # one that does not resolve is named as written (`${...}`), and refused
+                yield where, node._get_node(key)._value() if target is _UNRESOLVED else target
             elif not (isinstance(node, DictConfig) and OmegaConf.is_missing(node, key)):
                 yield from _targets(_value(node, key), where, depth=depth + 1)
     elif isinstance(node, ListConfig | Sequence) and not isinstance(node, str | bytes):
