@@ -393,10 +393,14 @@ def check_run_config(cfg: DictConfig) -> DictConfig:
     an unknown key or group option stops the sweep here rather than in every trial."""
     from hydra import compose, initialize_config_dir
 
+    from engine.checks import check_targets
+
     def composed(extra: list[str], what: str) -> DictConfig:
         try:
-            return compose("config", overrides=[*cfg.overrides, *extra])
-        except (HydraException, OmegaConfBaseException) as err:
+            run_cfg = compose("config", overrides=[*cfg.overrides, *extra])
+            check_targets(run_cfg)  # a trial's run.py would refuse it: refuse it once, here
+            return run_cfg
+        except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise SweepError(f"{what}: run.py cannot take it: {_first_line(err)}") from None
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -368,6 +368,23 @@ def test_a_hostile_config_on_the_command_line_is_refused_before_anything(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sweep.space={model._target_: {type: categorical, choices: [os.system]}}"],
+        ["model.drop_path_rate={_target_: os.system}"],  # a run override every trial gets
+    ],
+)
+def test_a_sweep_refuses_a_hostile_target_before_its_first_trial(args, tmp_path, monkeypatch):
+    import sweep
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = sweep.load_config(args)
+    with pytest.raises(sweep.SweepError, match=r"_target_='os.system' is not allowed"):
+        sweep.check_run_config(cfg)
+    assert not list(tmp_path.iterdir()), "no sweep folder yet"
+
+
 def test_overrides_on_a_resumed_or_trained_config_are_checked(hostile_files, run_task, evil):
     # resume=<file> and task=eval apply command-line overrides onto a saved config: checked too
     files = hostile_files["model.drop_path_rate._target_"]  # only its folder layout is used
