@@ -432,7 +432,12 @@ def fit(
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         positions = resume.get("position_ranks") or [resume.get("position")]
         saved_position = positions[min(distributed.rank(), len(positions) - 1)]
-        within = f", {saved_position['batches']} batches into the next" if saved_position else ""
+        within = ""
+        if saved_position and saved_position["batches"] >= train_batches:
+            # stopped during validation: the epoch's training is done, its validation is next
+            within = f", all {saved_position['batches']} batches of the next done"
+        elif saved_position:
+            within = f", {saved_position['batches']} batches into the next"
         log.info("resumed after epoch %d (update %d)%s", start_epoch, step, within)
     scheduler.step_update(num_updates=step)
     net = distributed.data_parallel(model, device, sync_bn)
@@ -469,9 +474,11 @@ def fit(
         """Mid-epoch: a checkpoint every `checkpoint_every_updates`, and on a stop signal (its
         number, agreed by the processes; 0: none)."""
         nonlocal step
-        step = step_now
+        # a skipped update (non-finite loss) leaves the step where it was: the file of this
+        # step is already written, and training has not advanced since
+        advanced, step = step_now > step, step_now
         every = checkpoint_every_updates
-        periodic = every is not None and step % every == 0
+        periodic = advanced and every is not None and step % every == 0
         if stop or (periodic and position.batches < train_batches):
             save(epoch, is_best=False, metrics=metrics, position=position)
         if stop:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from data import Splits
-from data.loaders import make_loaders
+from data.loaders import make_loaders, seed_epoch, skip_batches
 from engine import checkpoint
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
@@ -34,10 +34,11 @@ class Tripwire(nn.Module):
 
     `nan_at`: the input becomes NaN (so the loss, the gradient and BatchNorm's running
     statistics would all be poisoned). `signal_at`: the process sends itself `signum`, as a
-    cluster does before preemption.
+    cluster does before preemption. `eval_signal_at`: the same on evaluation forward passes
+    (counted from 1 over the run), so the signal lands while validation runs.
     """
 
-    def __init__(self, nan_at=(), signal_at=(), signum=signal.SIGUSR1):
+    def __init__(self, nan_at=(), signal_at=(), signum=signal.SIGUSR1, eval_signal_at=()):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
@@ -49,7 +50,8 @@ class Tripwire(nn.Module):
             nn.Linear(8, 3),
         )
         self.nan_at, self.signal_at, self.signum = set(nan_at), set(signal_at), signum
-        self.calls = 0
+        self.eval_signal_at = set(eval_signal_at)
+        self.calls = self.eval_calls = 0
 
     def forward(self, x):
         if self.training:
@@ -58,10 +60,14 @@ class Tripwire(nn.Module):
                 x = torch.full_like(x, float("nan"))
             if self.calls in self.signal_at:
                 os.kill(os.getpid(), self.signum)
+        else:
+            self.eval_calls += 1
+            if self.eval_calls in self.eval_signal_at:
+                os.kill(os.getpid(), self.signum)
         return self.net(x)
 
 
-def train(folder, model, *, epochs=2, batches=BATCHES, resume=None, **trainer):
+def train(folder, model, *, epochs=2, batches=BATCHES, resume=None, saver=None, **trainer):
     """`fit` as run.py calls it, on 96 random 8x8 images; returns (records, result)."""
     generator = torch.Generator().manual_seed(1)
     data = Splits(
@@ -75,7 +81,7 @@ def train(folder, model, *, epochs=2, batches=BATCHES, resume=None, **trainer):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     # the schedule of full epochs, whatever `batches` cuts them to
     scheduler = cosine(optimizer, total_steps=epochs * BATCHES, steps_per_epoch=BATCHES)
-    saver = CheckpointSaver(folder / "checkpoints", metadata={"config": {}})
+    saver = (saver or CheckpointSaver)(folder / "checkpoints", metadata={"config": {}})
     with RunLogger(folder, config={}, resume_step=resume["step"] if resume else None) as logger:
         result = fit(
             model,
@@ -118,6 +124,25 @@ def test_nonfinite_updates_are_skipped_and_leave_the_model_as_it_was(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records if "train/loss" in r)
     saved = checkpoint.load(tmp_path / "poisoned" / "checkpoints" / "last.pt")
     assert not checkpoint.non_finite_entries(saved)
+
+
+def test_skipped_updates_write_no_mid_epoch_checkpoint(tmp_path):
+    # a checkpoint every 2 updates; updates 3..6 are skipped, so the step stays at 2: its file is
+    # written once, not again after every skipped batch
+    class CountingSaver(CheckpointSaver):
+        def save(self, state, epoch, is_best, batches=None):
+            written.append(checkpoint.checkpoint_name(epoch, batches))
+            return super().save(state, epoch, is_best, batches)
+
+    written = []
+    train(
+        tmp_path,
+        Tripwire(nan_at=range(3, BATCHES + 1)),
+        epochs=1,
+        checkpoint_every_updates=2,
+        saver=CountingSaver,
+    )
+    assert written == ["epoch_0000_batch_000002.pt", "epoch_0001.pt"]
 
 
 def test_bad_updates_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
@@ -175,6 +200,100 @@ def test_stop_signal_saves_mid_epoch_and_the_resumed_run_ends_as_an_uninterrupte
             assert a[key] == b[key], (key, a, b)
     losses = [(r["step"], r["train/loss"]) for r in expected if "train/loss" in r]
     assert [(r["step"], r["train/loss"]) for r in got if "train/loss" in r] == losses
+
+
+def signalling_saver(name: str, after: bool):
+    """The real CheckpointSaver, sending the process SIGTERM as it starts writing `name`
+    (`after`: once the file is complete): a signal that lands during a save, or right after."""
+
+    class Saver(CheckpointSaver):
+        def save(self, state, epoch, is_best, batches=None):
+            hit = checkpoint.checkpoint_name(epoch, batches) == name
+            if hit and not after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            path = super().save(state, epoch, is_best, batches)
+            if hit and after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return path
+
+    return Saver
+
+
+# where a SIGTERM lands (2 epochs of 6 batches, or of 5 with limit_train_batches=5; one
+# validation batch): the run options, the Tripwire's, the saver's, and the checkpoint it leaves
+STOPS = {
+    # during the 3rd batch of epoch 2, the first of an accumulated update: saved after the 4th
+    "mid-update": ({"accum_steps": 2}, {"signal_at": [BATCHES + 3]}, None, (1, 4)),
+    "at-an-update": ({}, {"signal_at": [BATCHES + 2]}, None, (1, 2)),
+    # the last update of epoch 1 (a limited epoch, its last update one batch): all batches done
+    "last-update-limited": (
+        {"accum_steps": 2, "batches": 5},
+        {"signal_at": [5]},
+        None,
+        (0, 5),
+    ),
+    "during-validation": ({}, {"eval_signal_at": [1]}, None, (0, BATCHES)),
+    "during-validation-limited": (
+        {"accum_steps": 2, "batches": 5},
+        {"eval_signal_at": [1]},
+        None,
+        (0, 5),
+    ),
+    "during-epoch-save": ({}, {}, signalling_saver("epoch_0001.pt", after=False), (1, None)),
+    "after-epoch-save": ({}, {}, signalling_saver("epoch_0001.pt", after=True), (1, None)),
+    # the periodic save after update 2 of epoch 2: the next update saves and stops
+    "during-mid-epoch-save": (
+        {"checkpoint_every_updates": 2},
+        {},
+        signalling_saver("epoch_0001_batch_000002.pt", after=False),
+        (1, 3),
+    ),
+}
+
+
+@pytest.mark.slow  # 16 short in-process trainings
+@pytest.mark.parametrize("case", list(STOPS))
+def test_a_stop_at_any_moment_resumes_to_the_uninterrupted_run_bit_for_bit(tmp_path, case):
+    options, tripwire, saver, (epoch, batches) = STOPS[case]
+    straight = Tripwire()
+    expected, _ = train(tmp_path / "straight", straight, **options)
+
+    with pytest.raises(SystemExit) as info:
+        train(
+            tmp_path / "broken", Tripwire(signum=signal.SIGTERM, **tripwire), saver=saver, **options
+        )
+    assert info.value.code == 128 + signal.SIGTERM
+    folder = tmp_path / "broken" / "checkpoints"
+    latest = checkpoint.find_latest(folder)
+    assert os.path.samefile(latest, folder / checkpoint.checkpoint_name(epoch, batches))
+
+    resumed = Tripwire()
+    got, _ = train(tmp_path / "broken", resumed, resume=checkpoint.load(latest), **options)
+    assert_same_state(resumed, straight)
+    assert [r["epoch"] for r in epochs_of(got)] == [1, 2]
+    for a, b in zip(epochs_of(expected), epochs_of(got), strict=True):
+        for key in ("step", "train/epoch_loss", "train/epoch_acc1", "val/loss", "val/acc1"):
+            assert a[key] == b[key], (key, a, b)
+    losses = [(r["step"], r["train/loss"]) for r in expected if "train/loss" in r]
+    assert [(r["step"], r["train/loss"]) for r in got if "train/loss" in r] == losses
+
+
+def test_a_skip_that_no_pass_used_never_reaches_the_next_epoch():
+    """A resume after all of an epoch's batches (a stop during validation) skips them all; the
+    next epoch's pass still starts at its first batch."""
+    data = Splits(
+        train=TensorDataset(torch.randn(96, 3, 8, 8), torch.arange(96) % 3),
+        val=TensorDataset(torch.randn(8, 3, 8, 8), torch.arange(8) % 3),
+        classes=["a", "b", "c"],
+        in_chans=3,
+    )
+    loader, _ = make_loaders(data, batch_size=16)
+    seed_epoch(loader, 0, 1)
+    expected = [targets.tolist() for _, targets in loader]
+    seed_epoch(loader, 0, 0)
+    skip_batches(loader, len(loader))  # epoch 0: all done, no pass of it runs
+    seed_epoch(loader, 0, 1)
+    assert [targets.tolist() for _, targets in loader] == expected
 
 
 def test_periodic_mid_epoch_checkpoints_are_pruned_after_the_epoch(tmp_path):
