@@ -144,3 +144,18 @@ def test_bad_resume_path_fails_with_a_clear_message(tmp_path, resume, message):
     )
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    damaged = run / "checkpoints" / "epoch_0003.pt"
+    damaged.write_text("half a checkpoint")  # what a broken disk or copy leaves
+    proc = run_py(
+        *TINY, "logger=none", "resume=auto", f"hydra.run.dir={run}", cwd=tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    message = proc.stderr + proc.stdout
+    assert "epoch_0003.pt" in message and "resume=null" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0003.pt"]
+    assert not (run / "metrics.jsonl").exists(), "nothing may train"
