@@ -5,6 +5,7 @@ run.py processes killed with SIGKILL and SIGTERM are in tests/test_resume.py.
 """
 
 import json
+import math
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from data import Splits
 from data.loaders import make_loaders, seed_epoch, skip_batches
 from engine import checkpoint
 from engine.checkpoint import CheckpointSaver
-from engine.logger import RunLogger
+from engine.logger import RunLogger, read_metrics
 from engine.loop import fit
 from engine.schedules import cosine
 from tests.helpers import REPO, clean_env, read_jsonl
@@ -200,6 +201,33 @@ def test_stop_signal_saves_mid_epoch_and_the_resumed_run_ends_as_an_uninterrupte
             assert a[key] == b[key], (key, a, b)
     losses = [(r["step"], r["train/loss"]) for r in expected if "train/loss" in r]
     assert [(r["step"], r["train/loss"]) for r in got if "train/loss" in r] == losses
+
+
+def test_metrics_jsonl_is_strict_json_and_every_reader_takes_its_nan_and_older_bare_nan(tmp_path):
+    from analysis.curves import read_jsonl_run
+    from sweep import _JsonlTail
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    with RunLogger(new, config={}) as logger:
+        logger.log({"epoch": 1, "train/epoch_loss": float("nan"), "val/acc1": 50.0}, step=4)
+        logger.summary({"best/val/acc1": float("-inf")})
+    read_jsonl(new)  # fails on a bare NaN or Infinity: not JSON
+    lines = (new / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["train/epoch_loss"] is None
+    assert json.loads(lines[0])["non_finite"] == {"train/epoch_loss": "NaN"}
+    old.mkdir()  # as runs before this format wrote it
+    (old / "metrics.jsonl").write_text(
+        '{"step": 4, "epoch": 1, "train/epoch_loss": NaN, "val/acc1": 50.0}\n'
+        '{"summary": {"best/val/acc1": -Infinity}}\n'
+    )
+    for folder in (new, old):
+        records = read_metrics(folder / "metrics.jsonl")
+        assert math.isnan(records[0]["train/epoch_loss"]) and records[0]["val/acc1"] == 50.0
+        assert "non_finite" not in records[0]
+        assert records[1]["summary"]["best/val/acc1"] == float("-inf")
+        assert math.isnan(read_jsonl_run(folder).rows[4]["train/epoch_loss"])
+        (epoch,) = _JsonlTail(folder / "metrics.jsonl").epoch_records()
+        assert math.isnan(epoch["train/epoch_loss"]) and epoch["val/acc1"] == 50.0
 
 
 def signalling_saver(name: str, after: bool):
