@@ -27,6 +27,7 @@ from engine.console import progress_bar
 from engine.logger import RunLogger
 from engine.metrics import correct_topk
 from engine.rng import get_rng_state, seed_everything, set_rng_state
+from engine.schedules import follow_config_on_resume
 from engine.stop import StopSignals
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        follow_config_on_resume(scheduler, resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume["ema"] if "ema" in resume else resume["model"])

@@ -5,6 +5,7 @@ run.py processes killed with SIGKILL and SIGTERM are in tests/test_resume.py.
 """
 
 import json
+import logging
 import math
 import os
 import random
@@ -322,6 +323,24 @@ def test_a_skip_that_no_pass_used_never_reaches_the_next_epoch():
     skip_batches(loader, len(loader))  # epoch 0: all done, no pass of it runs
     seed_epoch(loader, 0, 1)
     assert [targets.tolist() for _, targets in loader] == expected
+
+
+def test_resuming_with_more_epochs_follows_the_longer_schedule(tmp_path, caplog):
+    # trainer.epochs=1, then resumed with trainer.epochs=2: epoch 2 runs on the 2-epoch cosine,
+    # not at the end (LR 0) of the 1-epoch one it was saved with
+    train(tmp_path / "short", Tripwire(), epochs=1)
+    state = checkpoint.load(tmp_path / "short" / "checkpoints" / "last.pt")
+    with caplog.at_level(logging.INFO, logger="engine.schedules"):
+        got, _ = train(tmp_path / "short", Tripwire(), epochs=2, resume=state)
+    expected, _ = train(tmp_path / "long", Tripwire(), epochs=2)
+
+    def lrs(records):
+        return [
+            (r["step"], r["train/lr"]) for r in records if "train/lr" in r and r["step"] > BATCHES
+        ]
+
+    assert lrs(got) == lrs(expected) and min(lr for _, lr in lrs(got)) > 0
+    assert "follows this run's config" in caplog.text and "t_initial 6 -> 12" in caplog.text
 
 
 def test_periodic_mid_epoch_checkpoints_are_pruned_after_the_epoch(tmp_path):
