@@ -480,6 +480,12 @@ def fit(
         advanced, step = step_now > step, step_now
         every = checkpoint_every_updates
         periodic = advanced and every is not None and step % every == 0
+        if position.batches == train_batches:
+            # the epoch's last update: the processes ran BatchNorm on their own batches; average
+            # the statistics now, before a checkpoint of this point (a stop here or during
+            # validation) keeps only process 0's
+            for module in evaluated.values():
+                distributed.average_buffers(module)
         if stop or (periodic and position.batches < train_batches):
             save(epoch, is_best=False, metrics=metrics, position=position)
         if stop:
@@ -487,6 +493,7 @@ def fit(
 
     metrics: dict = {}
     epoch = start_epoch
+    evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
     stopper = StopSignals()
     check = UpdateCheck(model, max_bad_steps, stopper)
     progress_view = progress_bar() if distributed.is_main() else Progress(disable=True)
@@ -525,9 +532,6 @@ def fit(
             )
             train_s = time.perf_counter() - t0
             bad_images = torch.tensor(float(skipped_images(train_loader.dataset) - bad_before))
-            evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
-            for module in evaluated.values():
-                distributed.average_buffers(module)  # processes ran BatchNorm on their own batches
             # a stop signal during evaluation: save where training stands (the epoch's batches
             # done, not yet evaluated) and stop; one process alone can stop between batches
             asked = (

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +22,14 @@ from torch.utils.data import TensorDataset
 
 from data import Splits
 from data.loaders import make_loaders, seed_epoch, skip_batches
-from engine import checkpoint
+from engine import checkpoint, distributed
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger, read_metrics
 from engine.loop import fit
 from engine.schedules import cosine
 from tests.helpers import REPO, clean_env, read_jsonl
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 BATCHES = 6  # per epoch
 
@@ -79,12 +82,19 @@ def train(folder, model, *, epochs=2, batches=BATCHES, resume=None, saver=None, 
         in_chans=3,
     )
     torch.manual_seed(0)
-    train_loader, val_loader = make_loaders(data, batch_size=16)
+    # under torchrun (the stop matrix), 2 processes of 8 make the same 6 updates of 16 images
+    world, main = distributed.world_size(), distributed.is_main()
+    train_loader, val_loader = make_loaders(
+        data, batch_size=16 // world, num_replicas=world, rank=distributed.rank()
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     # the schedule of full epochs, whatever `batches` cuts them to
     scheduler = cosine(optimizer, total_steps=epochs * BATCHES, steps_per_epoch=BATCHES)
-    saver = (saver or CheckpointSaver)(folder / "checkpoints", metadata={"config": {}})
-    with RunLogger(folder, config={}, resume_step=resume["step"] if resume else None) as logger:
+    saver = (saver or CheckpointSaver) if main else distributed.NullSaver
+    saver = saver(folder / "checkpoints", **({"metadata": {"config": {}}} if main else {}))
+    resume_step = resume["step"] if resume else None
+    logger = RunLogger(folder, {}, resume_step=resume_step) if main else distributed.NullLogger()
+    with logger:
         result = fit(
             model,
             train_loader,
@@ -100,7 +110,7 @@ def train(folder, model, *, epochs=2, batches=BATCHES, resume=None, saver=None, 
             resume=resume,
             **trainer,
         )
-    return read_jsonl(folder), result
+    return (read_jsonl(folder) if main else []), result
 
 
 def epochs_of(records):
@@ -280,31 +290,68 @@ STOPS = {
 }
 
 
-@pytest.mark.slow  # 16 short in-process trainings
-@pytest.mark.parametrize("case", list(STOPS))
-def test_a_stop_at_any_moment_resumes_to_the_uninterrupted_run_bit_for_bit(tmp_path, case):
-    options, tripwire, saver, (epoch, batches) = STOPS[case]
+# Under torchrun validation is not interrupted (the processes would have to agree after every
+# batch): a signal that lands there is taken after the epoch's checkpoint.
+DDP_SAVES = {"during-validation": (1, None), "during-validation-limited": (1, None)}
+
+
+def stop_and_resume(folder, case: str) -> None:
+    """Run case `case` of STOPS: an uninterrupted run, a run stopped there, its resumption, and
+    the resumed run must end as the uninterrupted one, bit for bit. In one process or under
+    torchrun (every process checks its own model; process 0 the files)."""
+    options, tripwire, saver, saved = STOPS[case]
+    if distributed.world_size() > 1:
+        saved = DDP_SAVES.get(case, saved)
     straight = Tripwire()
-    expected, _ = train(tmp_path / "straight", straight, **options)
+    expected, _ = train(folder / "straight", straight, **options)
 
     with pytest.raises(SystemExit) as info:
         train(
-            tmp_path / "broken", Tripwire(signum=signal.SIGTERM, **tripwire), saver=saver, **options
+            folder / "broken", Tripwire(signum=signal.SIGTERM, **tripwire), saver=saver, **options
         )
     assert info.value.code == 128 + signal.SIGTERM
-    folder = tmp_path / "broken" / "checkpoints"
-    latest = checkpoint.find_latest(folder)
-    assert os.path.samefile(latest, folder / checkpoint.checkpoint_name(epoch, batches))
+    checkpoints = folder / "broken" / "checkpoints"
+    latest = checkpoint.find_latest(checkpoints)
+    assert os.path.samefile(latest, checkpoints / checkpoint.checkpoint_name(*saved)), latest
 
     resumed = Tripwire()
-    got, _ = train(tmp_path / "broken", resumed, resume=checkpoint.load(latest), **options)
+    got, _ = train(folder / "broken", resumed, resume=checkpoint.load(latest), **options)
     assert_same_state(resumed, straight)
+    if not distributed.is_main():
+        return
     assert [r["epoch"] for r in epochs_of(got)] == [1, 2]
     for a, b in zip(epochs_of(expected), epochs_of(got), strict=True):
         for key in ("step", "train/epoch_loss", "train/epoch_acc1", "val/loss", "val/acc1"):
             assert a[key] == b[key], (key, a, b)
     losses = [(r["step"], r["train/loss"]) for r in expected if "train/loss" in r]
     assert [(r["step"], r["train/loss"]) for r in got if "train/loss" in r] == losses
+
+
+@pytest.mark.slow  # 24 short in-process trainings
+@pytest.mark.parametrize("case", list(STOPS))
+def test_a_stop_at_any_moment_resumes_to_the_uninterrupted_run_bit_for_bit(tmp_path, case):
+    stop_and_resume(tmp_path, case)
+
+
+@pytest.fixture(scope="module")
+def stops_under_torchrun(tmp_path_factory) -> dict:
+    """Every case of STOPS in one torchrun start of this file (2 processes, gloo)."""
+    folder = tmp_path_factory.mktemp("stops_ddp")
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", __file__, str(folder)],
+        env=clean_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.mark.slow  # one torchrun start, 24 short trainings in each of 2 processes
+@pytest.mark.parametrize("case", list(STOPS))
+def test_a_stop_at_any_moment_under_torchrun_resumes_bit_for_bit(stops_under_torchrun, case):
+    assert stops_under_torchrun[case] == "ok"
 
 
 def test_a_skip_that_no_pass_used_never_reaches_the_next_epoch():
@@ -434,3 +481,23 @@ def test_temporary_files_left_by_a_killed_save_are_removed_on_start(tmp_path, ca
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(
         ["best.pt", "epoch_0001.pt", "last.pt"]
     )
+
+
+if __name__ == "__main__":  # a process of stops_under_torchrun: `torchrun ... test_faults.py DIR`
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out = Path(sys.argv[1])
+    results = {}
+    for case in STOPS:
+        try:
+            stop_and_resume(out / case, case)
+            results[case] = "ok"
+        except AssertionError as err:
+            results[case] = f"process {distributed.rank()}: {err!r}"[:3000]
+    merged = {case: "ok" for case in STOPS}
+    for ranks in distributed.gather(results):
+        merged.update({case: result for case, result in ranks.items() if result != "ok"})
+    if distributed.is_main():
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+    dist.destroy_process_group()
