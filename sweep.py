@@ -16,7 +16,6 @@ the trials it was running are run again, and only the trials still missing are s
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import os
@@ -39,6 +38,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+
+from engine.logger import read_jsonl_line
 
 REPO = Path(__file__).resolve().parent
 SWEEP_CONF = REPO / "conf" / "sweep"
@@ -762,7 +763,7 @@ class _JsonlTail:
             text = self.partial + f.read()
             self.offset = f.tell()
         *lines, self.partial = text.split("\n")
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = [read_jsonl_line(line) for line in lines if line.strip()]
         return [r for r in records if "epoch" in r and "summary" not in r]
 
 

@@ -25,6 +25,8 @@ if __package__ in (None, ""):  # run as a file: make the repo's packages importa
 
 import yaml
 
+from engine.logger import read_metrics
+
 DEFAULT_KEYS = ("train/loss", "val/acc1")
 # config keys that differ between runs without making them different experiments
 IGNORED_CONFIG_KEYS = ("seed", "hydra", "resume")
@@ -67,10 +69,7 @@ def _merge(rows: dict[int, dict], step: int, metrics: dict) -> None:
 
 def read_jsonl_run(run_dir: Path) -> Run:
     rows: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_metrics(run_dir / "metrics.jsonl"):
         if "summary" not in record:
             step = record.pop("step")
             _merge(rows, step, record)

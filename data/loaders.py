@@ -146,15 +146,16 @@ class SkipSampler(Sampler[int]):
 def skip_batches(loader, count: int) -> None:
     """Make `loader`'s next pass start at batch `count` of its epoch (a mid-epoch resume).
 
-    Call after `seed_epoch`. The skipped batches are not read. Exact for num_workers=0 and
-    data.on_device: with workers, each batch's augmentation draws depend on which worker
-    reads it, and the workers' shares start over.
+    Call after `seed_epoch`, which disarms a skip that no pass used: a skip belongs to one
+    epoch and never reaches the next one's pass. The skipped batches are not read. Exact for
+    num_workers=0 and data.on_device: with workers, each batch's augmentation draws depend on
+    which worker reads it, and the workers' shares start over.
     """
     if isinstance(loader, DeviceLoader):
         loader.skip_batches = count
     elif isinstance(getattr(loader, "sampler", None), SkipSampler):
         loader.sampler.skip = count * loader.batch_size
-    else:
+    elif count:
         raise ValueError(
             f"{type(loader).__name__} cannot start mid-epoch; resume from an end-of-epoch "
             "checkpoint (epoch_NNNN.pt)"
@@ -178,5 +179,11 @@ def _worker_kwargs(num_workers: int, pin_memory: bool) -> dict:
 
 
 def seed_epoch(loader: DataLoader | DeviceLoader, seed: int, epoch: int) -> None:
-    """Fix the shuffle order and worker seeds (a DeviceLoader: crops and flips) of `epoch`."""
+    """Fix the shuffle order and worker seeds (a DeviceLoader: crops and flips) of `epoch`, its
+    pass starting at the first batch.
+
+    A resume into an epoch whose batches were all done (a stop during validation) skips them
+    all and never starts that pass: the skip must not carry over to this one.
+    """
     loader.generator.manual_seed(seed * 100_003 + epoch)
+    skip_batches(loader, 0)

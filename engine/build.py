@@ -67,8 +67,18 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
         return cfg, hydra_dir, None
     if resume == "auto":
         # rank 0's pick: every process of a data-parallel run loads the same checkpoint
-        found = checkpoint.find_latest(hydra_dir / "checkpoints") if distributed.is_main() else None
-        found = distributed.from_main(found)
+        found = refused = None
+        if distributed.is_main():
+            try:
+                found = checkpoint.find_latest(hydra_dir / "checkpoints")
+            except checkpoint.NoValidCheckpoint as err:
+                refused = str(err)
+        found, refused = distributed.from_main((found, refused))
+        if refused:
+            raise ValueError(
+                f"resume=auto: {refused}\nResume from another checkpoint "
+                "(resume=<checkpoint file>), or start a fresh run with resume=null"
+            )
         if found is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
             return cfg, hydra_dir, None
@@ -76,7 +86,13 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     path = Path(str(resume)).expanduser()
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = checkpoint.find_latest(folder)
+        try:
+            found = checkpoint.find_latest(folder)
+        except checkpoint.NoValidCheckpoint as err:
+            raise ValueError(
+                f"resume={resume!r}: {err}\nGive another checkpoint file, or start a fresh run "
+                "with resume=null"
+            ) from err
         if found is None:
             raise FileNotFoundError(
                 f"resume={resume!r}: no valid checkpoint in {folder}; give a checkpoint file "

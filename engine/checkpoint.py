@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -38,11 +38,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside `path` under a hidden temporary name: (descriptor, name).
+
+    Its mode is 0666 less the process umask, as for every other file a run writes (mkstemp's
+    0600 would keep a shared group's members from reading the checkpoints).
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue  # another writer's name: draw again
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -190,12 +204,19 @@ def epoch_files(folder: Path) -> list[tuple[int, Path]]:
     return [(epoch, p) for (epoch, batches), p in checkpoint_files(folder) if batches < 0]
 
 
-def find_latest(folder: Path) -> Path | None:
-    """The newest checkpoint in `folder` that loads and matches its checksum, or None.
+class NoValidCheckpoint(ValueError):
+    """A folder holds checkpoints and none of them loads: each was refused (the message says why)."""
 
-    A damaged file is reported (a warning naming it and why) and the one before it is tried.
+
+def find_latest(folder: Path) -> Path | None:
+    """The newest checkpoint in `folder` that loads and matches its checksum; None if it holds none.
+
+    A damaged file is reported (a warning naming it and why) and the one before it is tried;
+    when every one is refused, NoValidCheckpoint names them all: silently starting over would
+    throw the run away.
     """
     candidates = [folder / "last.pt"] + [p for _, p in reversed(checkpoint_files(folder))]
+    refused = []
     for path in candidates:
         if not path.is_file():
             continue
@@ -203,8 +224,13 @@ def find_latest(folder: Path) -> Path | None:
             load(path)
         except ValueError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
+            refused.append(f"{path.name}: {err}")
             continue  # a damaged file: fall back to the one before
         return path
+    if refused:
+        raise NoValidCheckpoint(
+            f"every checkpoint in {folder} was refused:\n  " + "\n  ".join(refused)
+        )
     return None
 
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -47,13 +48,13 @@ class RunLogger:
         return self.wandb_run.id if self.wandb_run else None
 
     def log(self, metrics: dict, step: int) -> None:
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.write(jsonl_line({"step": step, **metrics}))
         if self.wandb_run:
             self.wandb_run.log(metrics, step=step)
 
     def summary(self, values: dict) -> None:
         """Values that describe the whole run (best metric, model size): W&B summary + jsonl."""
-        self._jsonl.write(json.dumps({"summary": values}) + "\n")
+        self._jsonl.write(jsonl_line({"summary": values}))
         if self.wandb_run:
             self.wandb_run.summary.update(values)
 
@@ -134,3 +135,47 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         f.writelines(kept)
     os.replace(tmp, path)
     log.info("metrics.jsonl: kept %d records up to step %d", len(kept), step)
+
+
+NON_FINITE = "non_finite"  # the key that names a record's NaN and infinite values
+
+
+def jsonl_line(record: dict) -> str:
+    """`record` as one line of strict JSON: a NaN or infinite value is written as null, and the
+    record's `non_finite` entry maps its key to "NaN", "Infinity" or "-Infinity" (bare NaN, as
+    json.dumps writes it, is not JSON: jq, JavaScript and most JSON readers reject the line)."""
+    return json.dumps(_encode(record), allow_nan=False) + "\n"
+
+
+def read_jsonl_line(line: str) -> dict:
+    """A metrics.jsonl record with its non-finite values as floats again; also reads the lines
+    of older runs, which hold bare NaN."""
+    return _decode(json.loads(line))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl (a killed run's half-written last line left out)."""
+    lines = Path(path).read_text().split("\n")[:-1]  # the part after the last newline is partial
+    return [read_jsonl_line(line) for line in lines if line.strip()]
+
+
+def _encode(record: dict) -> dict:
+    out, non_finite = {}, {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = _encode(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            non_finite[key] = json.dumps(value)  # NaN, Infinity, -Infinity
+            value = None
+        out[key] = value
+    return {**out, NON_FINITE: non_finite} if non_finite else out
+
+
+def _decode(record: dict) -> dict:
+    non_finite = record.pop(NON_FINITE, None) or {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            record[key] = _decode(value)
+    for key, name in non_finite.items():
+        record[key] = float(name)  # float() reads NaN, Infinity, -Infinity
+    return record

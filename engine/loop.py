@@ -27,6 +27,7 @@ from engine.console import progress_bar
 from engine.logger import RunLogger
 from engine.metrics import correct_topk
 from engine.rng import get_rng_state, seed_everything, set_rng_state
+from engine.schedules import follow_config_on_resume
 from engine.stop import StopSignals
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        follow_config_on_resume(scheduler, resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume["ema"] if "ema" in resume else resume["model"])
@@ -432,7 +433,12 @@ def fit(
         start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
         positions = resume.get("position_ranks") or [resume.get("position")]
         saved_position = positions[min(distributed.rank(), len(positions) - 1)]
-        within = f", {saved_position['batches']} batches into the next" if saved_position else ""
+        within = ""
+        if saved_position and saved_position["batches"] >= train_batches:
+            # stopped during validation: the epoch's training is done, its validation is next
+            within = f", all {saved_position['batches']} batches of the next done"
+        elif saved_position:
+            within = f", {saved_position['batches']} batches into the next"
         log.info("resumed after epoch %d (update %d)%s", start_epoch, step, within)
     scheduler.step_update(num_updates=step)
     net = distributed.data_parallel(model, device, sync_bn)
@@ -469,9 +475,17 @@ def fit(
         """Mid-epoch: a checkpoint every `checkpoint_every_updates`, and on a stop signal (its
         number, agreed by the processes; 0: none)."""
         nonlocal step
-        step = step_now
+        # a skipped update (non-finite loss) leaves the step where it was: the file of this
+        # step is already written, and training has not advanced since
+        advanced, step = step_now > step, step_now
         every = checkpoint_every_updates
-        periodic = every is not None and step % every == 0
+        periodic = advanced and every is not None and step % every == 0
+        if position.batches == train_batches:
+            # the epoch's last update: the processes ran BatchNorm on their own batches; average
+            # the statistics now, before a checkpoint of this point (a stop here or during
+            # validation) keeps only process 0's
+            for module in evaluated.values():
+                distributed.average_buffers(module)
         if stop or (periodic and position.batches < train_batches):
             save(epoch, is_best=False, metrics=metrics, position=position)
         if stop:
@@ -479,6 +493,7 @@ def fit(
 
     metrics: dict = {}
     epoch = start_epoch
+    evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
     stopper = StopSignals()
     check = UpdateCheck(model, max_bad_steps, stopper)
     progress_view = progress_bar() if distributed.is_main() else Progress(disable=True)
@@ -517,9 +532,6 @@ def fit(
             )
             train_s = time.perf_counter() - t0
             bad_images = torch.tensor(float(skipped_images(train_loader.dataset) - bad_before))
-            evaluated = {"model": model, "ema": ema.module} if ema is not None else {"model": model}
-            for module in evaluated.values():
-                distributed.average_buffers(module)  # processes ran BatchNorm on their own batches
             # a stop signal during evaluation: save where training stands (the epoch's batches
             # done, not yet evaluated) and stop; one process alone can stop between batches
             asked = (

@@ -182,3 +182,22 @@ def constant(
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+def follow_config_on_resume(scheduler: Scheduler, saved: dict) -> None:
+    """Keep the schedule this run's config built, not the one in the checkpoint; log how they differ.
+
+    A resumed run with a larger trainer.epochs (or another sched.* value) follows the new
+    schedule from the update it stopped at, as timm's and MMPretrain's resume do: loading the
+    saved one would keep the old length and run the added epochs at the final LR. Nothing is
+    lost by not loading it: timm's schedulers are functions of the update step, their state is
+    their settings.
+    """
+    now = scheduler.state_dict()
+    changed = sorted(k for k in now.keys() & saved.keys() if now[k] != saved[k])
+    if changed:
+        log.info(
+            "resume: the LR schedule follows this run's config (trainer.epochs, sched.*), not "
+            "the checkpoint's: %s",
+            ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed),
+        )

@@ -45,7 +45,18 @@ def run_py(*overrides: str, cwd: Path, env: dict | None = None, check: bool = Tr
 
 
 def read_jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records, every line strict JSON (NaN and infinities as null, named in
+    `non_finite`), those values read back as floats."""
+    from engine.logger import read_jsonl_line
+
+    text = (run_dir / "metrics.jsonl").read_text()
+    for line in text.splitlines():
+        json.loads(line, parse_constant=_not_json)  # what jq or a browser would accept
+    return [read_jsonl_line(line) for line in text.splitlines()]
+
+
+def _not_json(name: str):
+    raise AssertionError(f"metrics.jsonl holds a bare {name}, which is not JSON")
 
 
 def epoch_records(run_dir: Path) -> list[dict]:

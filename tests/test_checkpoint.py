@@ -132,6 +132,30 @@ def test_find_latest_of_an_empty_or_missing_folder_is_none(tmp_path):
     assert checkpoint.find_latest(tmp_path / "missing") is None
 
 
+def test_find_latest_names_every_refused_file_when_none_loads(tmp_path):
+    _save_epochs(tmp_path, range(1, 3), keep_last=3)
+    for path in tmp_path.glob("epoch_*.pt"):  # last.pt and best.pt are links to them
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(checkpoint.NoValidCheckpoint) as info:
+        checkpoint.find_latest(tmp_path)
+    for name in ("last.pt", "epoch_0002.pt", "epoch_0001.pt"):
+        assert f"{name}: " in str(info.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_checkpoints_get_the_mode_the_umask_gives_every_other_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        _save_epochs(tmp_path, range(1, 3), keep_last=3)
+        (tmp_path / "other").write_text("")  # what open() makes under this umask
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "other").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("epoch_0001.pt", "epoch_0002.pt", "last.pt", "best.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 @pytest.mark.parametrize(
     "write",
     [

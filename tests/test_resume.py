@@ -1,5 +1,6 @@
 """Resume: a killed run, continued, ends exactly where an uninterrupted run ends (CPU)."""
 
+import math
 import signal
 import subprocess
 import sys
@@ -144,3 +145,64 @@ def test_bad_resume_path_fails_with_a_clear_message(tmp_path, resume, message):
     )
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    damaged = run / "checkpoints" / "epoch_0003.pt"
+    damaged.write_text("half a checkpoint")  # what a broken disk or copy leaves
+    proc = run_py(
+        *TINY, "logger=none", "resume=auto", f"hydra.run.dir={run}", cwd=tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    message = proc.stderr + proc.stdout
+    assert "epoch_0003.pt" in message and "resume=null" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0003.pt"]
+    assert not (run / "metrics.jsonl").exists(), "nothing may train"
+
+
+# 2 epochs of 2 updates (3 batches, accumulated 2 + 1) and a validation of ~23 batches of 16:
+# long enough (seconds) that a signal sent when the epoch's last update is logged lands in it
+DURING_VALIDATION = [
+    "model.name=test_resnet",
+    "data.dataset.image_size=8",
+    "sched.warmup_epochs=0",
+    "trainer.epochs=2",
+    "data.batch_size=32",
+    "trainer.accum_steps=2",
+    "trainer.limit_train_batches=3",
+    "trainer.log_every=1",
+    "+data.eval_batch_size=16",
+    "logger=none",
+]
+
+
+@pytest.mark.slow  # three run.py processes with a slow validation
+def test_sigterm_during_validation_resumes_into_that_validation_and_loses_no_epoch(tmp_path):
+    """The signal lands after the epoch's last update, while validation runs (sent once
+    metrics.jsonl holds that update's record; the test fails if it landed elsewhere). The
+    resumed run validates epoch 1 and trains all of epoch 2, as the uninterrupted run."""
+    straight = tmp_path / "straight"
+    run_py(*DURING_VALIDATION, f"hydra.run.dir={straight}", cwd=tmp_path)
+
+    broken = tmp_path / "broken"
+    proc = start([*DURING_VALIDATION, f"hydra.run.dir={broken}"], tmp_path)
+    metrics = broken / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while '"step": 2,' not in (metrics.read_text() if metrics.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no record of update 2 within 300 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    saved = checkpoint.find_latest(broken / "checkpoints")
+    assert saved.samefile(broken / "checkpoints" / "epoch_0000_batch_000003.pt"), (
+        f"the signal missed validation: {sorted(p.name for p in saved.parent.iterdir())}"
+    )
+
+    run_py(*DURING_VALIDATION, f"hydra.run.dir={broken}", "resume=auto", cwd=tmp_path)
+    assert "all 3 batches of the next done" in resumed_from(broken)
+    assert_ends_as(straight, broken)
+    assert all(math.isfinite(r["train/epoch_loss"]) for r in epoch_records(broken))
