@@ -44,7 +44,21 @@ CASES = [
         ["trainer.epochs=0", "optim.lr=0"],  # every problem at once, not one per attempt
         ["2 problems", "trainer.epochs=0 must be", "optim.lr=0 must be"],
     ),
-    (["trainer.precision=fp64"], ["trainer.precision='fp64'", "fp32"]),  # fit's first check
+    (["trainer.precision=fp64"], ["trainer.precision='fp64' must be one of fp32, bf16, fp16"]),
+    (["trainer.channels_last=yes"], ["trainer.channels_last='yes' must be true or false"]),
+    (
+        ["optim=sgd", "optim.momentum=1.2", "model.drop_path_rate=1"],
+        ["optim.momentum=1.2 must be a number >= 0 and < 1", "model.drop_path_rate=1 must be"],
+    ),
+    (
+        ["sched=multistep", "sched.milestones=[1,2]", "sched.warmup_epochs=1"],
+        ["sched.milestones=[1, 2] start within the warmup (sched.warmup_epochs=1)"],
+    ),
+    (
+        ["trainer.mixup_alpha=0.2", "data.batch_size=33"],
+        ["needs an even data.batch_size, not 33", "data.batch_size=34"],
+    ),
+    (["task=predict"], ["task.inputs=??? has no value", "task.inputs=..."]),
     pytest.param(
         ["trainer.device=cuda"],
         ["trainer.device='cuda'", "CUDA is not available", "trainer.device=auto"],

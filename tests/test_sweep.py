@@ -63,7 +63,7 @@ def states(study: optuna.Study) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration: every conf/sweep option, and the errors
+# configuration: every sweeps/ option, and the errors
 
 
 @pytest.mark.parametrize("name", sweep.sweep_options())
@@ -72,7 +72,7 @@ def test_every_sweep_option_composes_with_run_config(name, tmp_path, monkeypatch
     cfg, continuing = sweep.load_config([f"sweep={name}"])
     assert not continuing
     assert cfg.name == name
-    assert not OmegaConf.missing_keys(cfg)  # conf/sweep/default.yaml gives every key a value
+    assert not OmegaConf.missing_keys(cfg)  # sweeps/default.yaml gives every key a value
     sweep.check_run_config(cfg)  # every space key and choice is a run.py override that composes
 
 
