@@ -265,7 +265,8 @@ def test_a_failed_trial_is_marked_fail_with_its_error_and_the_sweep_goes_on(tmp_
     ]
     rows = {int(r["trial"]): r for r in csv.DictReader((sweep_dir / "leaderboard.csv").open())}
     assert rows[0]["note"] == (
-        "run.py exited 1: ValueError: trainer.precision='fp17'; choose one of ['fp32', 'bf16', 'fp16']"
+        "run.py exited 1: ValueError: trainer.precision='fp17' must be one of fp32, bf16, fp16, "
+        "e.g. trainer.precision=bf16"
     )
 
 
