@@ -202,7 +202,7 @@ def failed(err: BaseException) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from engine.errors import discard_unused_folder, is_user_error
+    from engine.errors import JobFailed, discard_unused_folder, is_user_error
 
     hydra, user_error = HydraConfig.get(), is_user_error(err)
     if hydra.mode == RunMode.MULTIRUN:
@@ -216,6 +216,8 @@ def failed(err: BaseException) -> None:
                 err,
                 exc_info=None if user_error else err,
             )
+        if user_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            raise JobFailed(f"{type(err).__name__}: {err}") from err
         return
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun the processes share one folder
         discard_unused_folder(Path(hydra.runtime.output_dir), hydra.job.name)

@@ -2,6 +2,7 @@
 for a bug, and no run folder left behind by a run that never started.
 
     is_user_error(err)          the user can act on err's message alone (see below)
+    JobFailed                   such an error of a multirun job, as Hydra prints it compactly
     discard_unused_folder(d)    remove a run folder that holds only Hydra's own files
 
 A user error is one of this repo's own messages: a ValueError, OSError (FileNotFoundError, ...),
@@ -15,11 +16,18 @@ import linecache
 import shutil
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
+
 REPO = Path(__file__).resolve().parent.parent
 OWN_CODE = ("models", "data", "engine", "analysis")
 MESSAGE_TYPES = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
 # what Hydra writes into a run folder before the task starts: <folder>/.hydra/*.yaml, <job>.log
 HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's user error: at the end of the sweep Hydra prints this message alone
+    (it prints any other exception with its traceback)."""
 
 
 def is_user_error(err: BaseException) -> bool:
