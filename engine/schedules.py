@@ -35,14 +35,13 @@ def _warmup_within_run(
     if warmup >= total_steps:
         fitted = total_steps // 2
         log.warning(
-            "the warmup (%d updates: sched.warmup_epochs=%g, sched.warmup_steps=%d) is not "
-            "shorter than the whole run (%d updates); it is cut to %d updates, half the run. "
-            "Set sched.warmup_epochs / sched.warmup_steps to choose another length",
+            "the warmup (%d updates) does not fit in the whole run (%d updates): cut to %d, "
+            "half the run (sched.warmup_epochs=%g and sched.warmup_steps=%d set it)",
             warmup,
-            warmup_epochs,
-            warmup_steps,
             total_steps,
             fitted,
+            warmup_epochs,
+            warmup_steps,
         )
         warmup = fitted
     return warmup

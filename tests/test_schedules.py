@@ -78,8 +78,8 @@ def test_a_warmup_as_long_as_the_run_is_cut_to_half_the_run_with_one_warning(nam
     assert lrs[0] == pytest.approx(WARMUP_LR)
     assert lrs[9] < LR and lrs[10] == pytest.approx(LR)  # 10 updates of warmup, not 20
     (record,) = warnings(caplog)
-    assert "warmup (20 updates" in record.message and "whole run (20 updates)" in record.message
-    assert "cut to 10 updates" in record.message
+    assert "warmup (20 updates) does not fit in the whole run (20 updates)" in record.message
+    assert "cut to 10, half the run" in record.message
 
 
 def test_a_warmup_shorter_than_the_run_is_kept_and_not_mentioned(caplog):
