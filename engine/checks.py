@@ -420,7 +420,7 @@ def _value_problems(cfg: DictConfig) -> list[str]:
         value = _get(cfg, key)
         if value is not _ABSENT and not test(value):  # _ABSENT: no such key, or ???
             what = what() if callable(what) else what
-            problems.append(f"{key}={_plain(value)!r} must be {what}, e.g. {key}={example}")
+            problems.append(f"{key}={_plain_value(value)!r} must be {what}, e.g. {key}={example}")
     for key in DEVICE_KEYS:
         value = _get(cfg, key)
         if value is not _ABSENT:
@@ -458,7 +458,7 @@ def _between_keys(cfg: DictConfig) -> list[str]:
         )
     milestones, warmup = _get(cfg, "sched.milestones"), _get(cfg, "sched.warmup_epochs")
     if milestones is not _ABSENT:
-        plain = _plain(milestones)
+        plain = _plain_value(milestones)
         if not (
             isinstance(plain, list)
             and all(_is_number(m) and m > 0 for m in plain)
@@ -481,7 +481,7 @@ def _positive(cfg: DictConfig, key: str) -> bool:
     return _is_number(value) and value > 0
 
 
-def _plain(value):
+def _plain_value(value):
     """A config node as plain lists and dicts, for messages."""
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
