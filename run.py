@@ -15,6 +15,7 @@ python run.py --cfg job                         # print the composed config, do 
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -35,14 +36,13 @@ def train(cfg: DictConfig) -> float:
     distributed.check_started()
     main_process = distributed.is_main()  # under torchrun, rank 0 alone prints and writes
     cfg, run_dir, resume = build.resolve_run(cfg)
-    if main_process:
-        print_config_tree(cfg)
     seed_everything(cfg.seed)
     splits, train_loader, val_loader = build.build_data(cfg)
     model = build.build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
     optimizer = build.build_optimizer(cfg, model)
     scheduler = build.build_scheduler(cfg, optimizer, build.updates_per_epoch(cfg, train_loader))
-    if main_process:
+    if main_process:  # everything is built: this run starts, and its folder is written
+        print_config_tree(cfg)
         write_run_info(run_dir, build.plain(cfg))
 
     with build.build_logger(cfg, run_dir, resume) as logger:
@@ -188,18 +188,42 @@ def main(cfg: DictConfig):
         joined = distributed.join_job()  # a job of several tasks: its own process group
     try:
         return TASKS[cfg.task.name](cfg)
-    except Exception:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # Hydra keeps a failed job's exception for the end of the sweep (the stderr of
-            # `run.py -m`, far from a SLURM job's folder): write it into the job's run.log too
-            logging.getLogger("run").exception("job %s failed", HydraConfig.get().job.num)
+    except BaseException as err:
+        failed(err)
         raise
     finally:
         if joined:
             distributed.stop()
+
+
+def failed(err: BaseException) -> None:
+    """A job failed: no run folder if it wrote nothing, and the message alone (exit status 1)
+    for a mistake the user can fix; a bug keeps Hydra's traceback (engine/errors.py)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from engine.errors import JobFailed, discard_unused_folder, is_user_error
+
+    hydra, user_error = HydraConfig.get(), is_user_error(err)
+    if hydra.mode == RunMode.MULTIRUN:
+        # Hydra keeps a failed job's exception for the end of the sweep (the stderr of
+        # `run.py -m`, far from a SLURM job's folder): write it into the job's run.log too
+        if isinstance(err, Exception):
+            logging.getLogger("run").error(
+                "job %s failed: %s: %s",
+                hydra.job.num,
+                type(err).__name__,
+                err,
+                exc_info=None if user_error else err,
+            )
+        if user_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            raise JobFailed(f"{type(err).__name__}: {err}") from err
+        return
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun the processes share one folder
+        discard_unused_folder(Path(hydra.runtime.output_dir), hydra.job.name)
+    if user_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

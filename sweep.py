@@ -1,12 +1,12 @@
 """Hyper-parameter search on top of run.py: random or Bayesian (Optuna TPE), pruned, resumable.
 
-python sweep.py                                        # conf/sweep/default.yaml
+python sweep.py                                        # sweeps/default.yaml
 python sweep.py sweep=default sweep.n_trials=40 sweep.n_jobs=2 trainer.epochs=10
 python sweep.py sweep.dir=multirun/sweeps/<name>-<time>     # continue a killed sweep
 python sweep.py sweep.dir=multirun/sweeps/<name>-<time> sweep.report_only=true
 python sweep.py sweep.storage=postgresql://host/db sweep.study=<name>  # one more worker
 
-`sweep=<name>` picks conf/sweep/<name>.yaml (or a .yaml path); `sweep.<key>=<value>` sets one of
+`sweep=<name>` picks sweeps/<name>.yaml (or a .yaml path); `sweep.<key>=<value>` sets one of
 its keys (SweepConfig below); anything else is a run.py override for every trial. Each trial is
 a real `python run.py ...` in <sweep folder>/trial_NNNN: its own run folder and W&B run, in a W&B
 group named after the study, tagged trial-N. The study lives in a database (<sweep
@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from engine.logger import read_jsonl_line
 
 REPO = Path(__file__).resolve().parent
-SWEEP_CONF = REPO / "conf" / "sweep"
+SWEEP_CONF = REPO / "sweeps"  # not in conf/: run.py would list it as one of its config groups
 RUN_PY = REPO / "run.py"
 log = logging.getLogger("sweep")
 
@@ -75,8 +75,8 @@ STOP_GRACE_S = 30  # after SIGINT, a trial gets this long to close its W&B run b
 
 @dataclass
 class SweepConfig:
-    """The keys of conf/sweep/*.yaml and their types. Their values default to
-    conf/sweep/default.yaml's (its space aside), which says what each one does."""
+    """The keys of sweeps/*.yaml and their types. Their values default to
+    sweeps/default.yaml's (its space aside), which says what each one does."""
 
     name: str = MISSING
     metric: str = MISSING
@@ -187,13 +187,13 @@ def sweep_options() -> list[str]:
 
 
 def load_sweep_file(name: str) -> DictConfig:
-    """conf/sweep/<name>.yaml, or a .yaml path, over SweepConfig's defaults."""
+    """sweeps/<name>.yaml, or a .yaml path, over SweepConfig's defaults."""
     path = Path(name).expanduser()
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = SWEEP_CONF / f"{name}.yaml"
     if not path.is_file():
         raise SweepError(
-            f"sweep={name!r}: no conf/sweep/{name}.yaml and no such .yaml file; "
+            f"sweep={name!r}: no sweeps/{name}.yaml and no such .yaml file; "
             f"choose one of {sweep_options()} or give a path to a sweep .yaml"
         )
     cfg = _schema()
@@ -207,7 +207,7 @@ def load_sweep_file(name: str) -> DictConfig:
 
 
 def _schema() -> DictConfig:
-    """SweepConfig's keys with conf/sweep/default.yaml's values, less its name and space."""
+    """SweepConfig's keys with sweeps/default.yaml's values, less its name and space."""
     base = OmegaConf.merge(
         OmegaConf.structured(SweepConfig), OmegaConf.load(SWEEP_CONF / "default.yaml")
     )
@@ -971,7 +971,7 @@ def _raise_keyboard_interrupt(signum, frame):
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print(f"sweeps in conf/sweep/: {', '.join(sweep_options())}")
+        print(f"sweep files in sweeps/: {', '.join(sweep_options())}")
         return 0
     try:
         cfg, continuing = load_config(argv)

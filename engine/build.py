@@ -22,7 +22,7 @@ from data import Splits
 from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
-from engine import checkpoint, checks, distributed
+from engine import checkpoint, checks, distributed, errors
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
 from engine.loop import resolve_device
@@ -80,7 +80,10 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
                 "(resume=<checkpoint file>), or start a fresh run with resume=null"
             )
         if found is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
+            if not errors.holds_only_hydra_files(hydra_dir, HydraConfig.get().job.name):
+                # a folder used before (a requeued job, a fixed hydra.run.dir): worth a line;
+                # a new run's new folder starts fresh by definition
+                log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
             return cfg, hydra_dir, None
         return cfg, hydra_dir, _load_for_resume(found)
     path = Path(str(resume)).expanduser()

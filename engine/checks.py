@@ -241,27 +241,88 @@ def _value(node, key):
 # values and keys
 
 
-def _whole(low: int, example, none_ok: bool = False):
+def _whole(low: int, example, none_ok: bool = False, high: int | None = None):
     def check(v) -> bool:
-        return (v is None and none_ok) or (_is_int(v) and v >= low)
+        return (v is None and none_ok) or (_is_int(v) and v >= low and (high is None or v <= high))
 
-    what = f"a whole number >= {low}" + (" or null" if none_ok else "")
-    return check, what, example
-
-
-def _number(low: float, high: float = math.inf, example=None, open_low=False, none_ok=False):
-    def check(v) -> bool:
-        if v is None:
-            return none_ok
-        if not _is_number(v) or not math.isfinite(v) or v > high:
-            return False
-        return v > low if open_low else v >= low
-
-    lo = f"> {low}" if open_low else f">= {low}"
-    what = f"a number {lo}" + (f" and <= {high}" if high != math.inf else "")
+    what = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "")
     return check, what + (" or null" if none_ok else ""), example
 
 
+def _number(
+    low: float,
+    high: float = math.inf,
+    example=None,
+    open_low=False,
+    none_ok=False,
+    open_high=False,
+):
+    def check(v) -> bool:
+        if v is None:
+            return none_ok
+        if not _is_number(v) or not math.isfinite(v):
+            return False
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    lo = f"> {low}" if open_low else f">= {low}"
+    hi = "" if high == math.inf else f" and {'<' if open_high else '<='} {high}"
+    return check, f"a number {lo}{hi}" + (" or null" if none_ok else ""), example
+
+
+def _bool(example: bool):
+    # `trainer.channels_last=yes` arrives as the string 'yes', which Python reads as true
+    return (lambda v: isinstance(v, bool)), "true or false", str(example).lower()
+
+
+def _choice(options, example, none_ok: bool = False):
+    """One of `options`: a tuple, or a function that returns one (names that a module importing
+    torch defines are looked up when a config is checked, not when this module is imported)."""
+
+    def names() -> tuple:
+        return options() if callable(options) else options
+
+    def check(v) -> bool:
+        return (v is None and none_ok) or (isinstance(v, str) and v in names())
+
+    def what() -> str:
+        return "one of " + ", ".join(map(str, names())) + (" or null" if none_ok else "")
+
+    return check, what, example
+
+
+def _range(low: float, high: float, example: str):
+    """[min, max] with low < min <= max <= high, as data.transform.scale and ratio are."""
+
+    def check(v) -> bool:
+        return (
+            isinstance(v, Sequence | ListConfig)
+            and not isinstance(v, str)
+            and len(v) == 2
+            and all(_is_number(x) and math.isfinite(x) for x in v)
+            and low < v[0] <= v[1] <= high
+        )
+
+    bound = "" if high == math.inf else f" <= {high}"
+    return check, f"[min, max] with {low} < min <= max{bound}", example
+
+
+def _betas(v) -> bool:
+    return (
+        isinstance(v, Sequence | ListConfig)
+        and not isinstance(v, str)
+        and len(v) == 2
+        and all(_is_number(b) and 0 <= b < 1 for b in v)
+    )
+
+
+def _precisions() -> tuple:
+    from engine.loop import PRECISIONS
+
+    return tuple(PRECISIONS)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PROBABILITY = {"low": 0, "high": 1}
 # key -> (test, what it must be, an example value). Checked where the key exists: a task's
 # composed config has trainer/optim/data keys even where only the checkpoint's are used.
 VALUES = {
@@ -269,7 +330,35 @@ VALUES = {
     "data.batch_size": _whole(1, 64),
     "data.eval_batch_size": _whole(1, 128, none_ok=True),
     "data.num_workers": _whole(0, 4),
+    "data.on_device": _bool(False),
+    "data.fold": _whole(0, 0, none_ok=True),
+    "data.num_folds": _whole(2, 5),
+    "data.dataset.image_size": _whole(1, 32),
+    "data.dataset.val_fraction": _number(0, 1, example=0.2, open_high=True),
+    "data.dataset.download": _bool(True),
+    "data.dataset.augment": _bool(True),
+    "data.transform.crop_pct": _number(0, 1, example=0.875, open_low=True, none_ok=True),
+    "data.transform.scale": _range(0, 1, "[0.08,1.0]"),
+    "data.transform.ratio": _range(0, math.inf, "[0.75,1.3333333]"),
+    "data.transform.hflip": _number(**PROBABILITY, example=0.5),
+    "data.transform.vflip": _number(**PROBABILITY, example=0.0),
+    "data.transform.color_jitter": _number(0, example=0.4, none_ok=True),
+    "data.transform.re_prob": _number(**PROBABILITY, example=0.25),
+    "data.transform.re_mode": _choice(("pixel", "const", "rand"), "pixel"),
+    "data.transform.re_count": _whole(1, 1),
+    "model.pretrained": _bool(False),
+    "model.drop_rate": _number(0, 1, example=0.1, open_high=True),
+    "model.drop_path_rate": _number(0, 1, example=0.1, open_high=True),
+    "model.img_size": _whole(1, 224, none_ok=True),
     "trainer.epochs": _whole(1, 10),
+    "trainer.precision": _choice(_precisions, "bf16"),
+    "trainer.channels_last": _bool(True),
+    "trainer.compile": (
+        lambda v: isinstance(v, bool) or v in COMPILE_MODES,
+        f"true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})",
+        "true",
+    ),
+    "trainer.cudnn_benchmark": _bool(True),
     "trainer.accum_steps": _whole(1, 1),
     "trainer.log_every": _whole(1, 10),
     "trainer.limit_train_batches": _whole(1, 50, none_ok=True),
@@ -279,14 +368,39 @@ VALUES = {
     "trainer.ema_decay": _number(0, 0.999999, example=0.9998, open_low=True, none_ok=True),
     "trainer.mixup_alpha": _number(0, example=0.8),
     "trainer.cutmix_alpha": _number(0, example=1.0),
-    "trainer.mixup_prob": _number(0, 1, example=1.0),
-    "trainer.mixup_switch_prob": _number(0, 1, example=0.5),
+    "trainer.mixup_prob": _number(**PROBABILITY, example=1.0),
+    "trainer.mixup_switch_prob": _number(**PROBABILITY, example=0.5),
+    "trainer.eval_hflip": _bool(True),
+    "trainer.max_bad_steps": _whole(1, 10, none_ok=True),
+    "trainer.checkpoint_every_updates": _whole(1, 500, none_ok=True),
+    "trainer.sync_bn": _bool(True),
     "optim.lr": _number(0, example=1e-3, open_low=True),
     "optim.weight_decay": _number(0, example=0.05),
+    "optim.base_batch_size": _whole(1, 256, none_ok=True),
+    "optim.momentum": _number(0, 1, example=0.9, open_high=True),
+    "optim.betas": (_betas, "[beta1, beta2], each >= 0 and < 1", "[0.9,0.999]"),
+    "optim.eps": _number(0, example=1e-8, open_low=True),
+    "optim.nesterov": _bool(True),
+    "optim.filter_bias_and_bn": _bool(True),
+    "optim.layer_decay": _number(0, 1, example=0.75, open_low=True, none_ok=True),
+    "optim.layer_decay_min_scale": _number(**PROBABILITY, example=0.0),
+    "sched.warmup_epochs": _number(0, example=1.0),
+    "sched.warmup_steps": _whole(0, 500),
+    "sched.warmup_lr": _number(0, example=1e-6),
+    "sched.min_lr": _number(0, example=1e-6),
+    "sched.decay_epochs": _number(0, example=30, open_low=True),
+    "sched.decay_rate": _number(0, example=0.1, open_low=True),
+    "sched.power": _number(0, example=1.0),
     "checkpoint.keep_last": _whole(0, 3),
     "task.topk": _whole(1, 5),
     "task.batch_size": _whole(1, 32),
     "task.port": (lambda v: _is_int(v) and 0 <= v <= 65535, "a port number 0..65535", 8000),
+    "task.use_ema": _bool(False),
+    "task.split": _choice(("val", "train"), "val"),
+    "task.log_misclassified": _whole(0, 64),
+    "task.max_bytes": _whole(1, 20000000),
+    "task.atol": _number(0, example=1e-4, open_low=True),
+    "task.check_images": _whole(0, 8),
 }
 DEVICE_KEYS = ("trainer.device", "task.device")
 _ABSENT = object()
@@ -314,20 +428,27 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _value_problems(cfg: DictConfig) -> list[str]:
-    problems = []
+    problems = [
+        f"{key}=??? has no value; give one on the command line ({key}=...)"
+        for key in OmegaConf.missing_keys(cfg)
+        if key != "model.name"  # said below, with examples
+    ]
     for key, (test, what, example) in VALUES.items():
         value = _get(cfg, key)
-        if value is not _ABSENT and not test(value):
-            problems.append(f"{key}={value!r} must be {what}, e.g. {key}={example}")
+        if value is not _ABSENT and not test(value):  # _ABSENT: no such key, or ???
+            what = what() if callable(what) else what
+            problems.append(f"{key}={_plain_value(value)!r} must be {what}, e.g. {key}={example}")
     for key in DEVICE_KEYS:
         value = _get(cfg, key)
         if value is not _ABSENT:
             problems += _device_problems(key, value)
+    problems += _between_keys(cfg)
     if _get(cfg, "model._target_") == "models.timm_models.create":
         from models.timm_models import check_name
 
         name = _get(cfg, "model.name")
-        if not isinstance(name, str):
+        name = "???" if name is _ABSENT else name  # `model=timm` without model.name=...
+        if not isinstance(name, str) or name == "???":
             problems.append(f"model.name={name!r} must be a timm model name, e.g. resnet50")
         else:
             try:
@@ -335,6 +456,53 @@ def _value_problems(cfg: DictConfig) -> list[str]:
             except ValueError as err:
                 problems.append(str(err))
     return problems
+
+
+def _between_keys(cfg: DictConfig) -> list[str]:
+    """Values that are fine alone but contradict another key (each key checked by VALUES)."""
+    problems = []
+    fold, folds = _get(cfg, "data.fold"), _get(cfg, "data.num_folds")
+    if _is_int(fold) and _is_int(folds) and fold >= folds:
+        problems.append(
+            f"data.fold={fold} but data.num_folds={folds}: the folds are 0..{folds - 1}"
+        )
+    batch = _get(cfg, "data.batch_size")
+    mixing = [k for k in ("trainer.mixup_alpha", "trainer.cutmix_alpha") if _positive(cfg, k)]
+    if mixing and _is_int(batch) and batch % 2 and _get(cfg, "task.name") == "train":
+        problems.append(
+            f"{mixing[0]}={_get(cfg, mixing[0])} mixes a batch with its mirror and needs an even "
+            f"data.batch_size, not {batch}; e.g. data.batch_size={batch + 1}"
+        )
+    milestones, warmup = _get(cfg, "sched.milestones"), _get(cfg, "sched.warmup_epochs")
+    if milestones is not _ABSENT:
+        plain = _plain_value(milestones)
+        if not (
+            isinstance(plain, list)
+            and all(_is_number(m) and m > 0 for m in plain)
+            and plain == sorted(plain)
+        ):
+            problems.append(
+                f"sched.milestones={plain!r} must be epochs > 0 in increasing order, "
+                "e.g. sched.milestones=[30,60,90]"
+            )
+        elif _is_number(warmup) and plain and plain[0] <= warmup:
+            problems.append(
+                f"sched.milestones={plain} start within the warmup (sched.warmup_epochs="
+                f"{warmup}); the LR decays after it: lower the warmup or move the milestones"
+            )
+    return problems
+
+
+def _positive(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    return _is_number(value) and value > 0
+
+
+def _plain_value(value):
+    """A config node as plain lists and dicts, for messages."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _device_problems(key: str, value) -> list[str]:

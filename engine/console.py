@@ -1,5 +1,7 @@
 """What the terminal shows: the config tree, progress bars with ETA, the final summary table."""
 
+import os
+
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import (
@@ -11,22 +13,31 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from rich.tree import Tree
+from rich.text import Text
 
 console = Console()
 
 
 def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("model", "data", "optim")) -> None:
-    tree = Tree("config", guide_style="dim")
+    """The resolved config as a tree of YAML blocks. Lines are never wrapped or cut at the
+    terminal's width (rich's Tree does both): a path in it is one line a user can copy."""
     keys = [k for k in first if k in cfg] + [k for k in cfg if k not in first]
-    for key in keys:
+    text = Text("config\n")
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
         value = cfg[key]
+        text.append("└── " if last else "├── ", style="dim")
+        text.append(str(key), style="bold")
         if isinstance(value, DictConfig):
-            branch = tree.add(f"[bold]{key}")
-            branch.add(OmegaConf.to_yaml(value, resolve=True).rstrip() or "{}")
+            block = OmegaConf.to_yaml(value, resolve=True).rstrip() or "{}"
+            indent = "    " if last else "│   "
+            for line in block.splitlines():
+                text.append("\n" + indent, style="dim")
+                text.append(line)
         else:
-            tree.add(f"[bold]{key}[/]: {value}")
-    console.print(tree)
+            text.append(f": {value}")
+        text.append("\n")
+    console.print(text, end="", soft_wrap=True)
 
 
 def progress_bar() -> Progress:
@@ -47,9 +58,19 @@ def progress_bar() -> Progress:
 
 
 def print_summary(title: str, rows: dict) -> None:
-    table = Table(title=title, show_header=False)
+    """A table of the numbers; paths below it, one per line, never wrapped or cut (a user
+    copies them into the next command)."""
+    table = Table(show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
+    paths = {}
     for key, value in rows.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+        if isinstance(value, os.PathLike) or (isinstance(value, str) and os.sep in value):
+            paths[key] = value
+        else:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(Text(title, style="bold"), soft_wrap=True)
+    if table.row_count:
+        console.print(table)
+    for key, value in paths.items():
+        console.print(Text.assemble((f"{key}: ", "bold"), str(value)), soft_wrap=True)

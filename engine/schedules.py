@@ -28,13 +28,22 @@ def warmup_updates(warmup_epochs: float, warmup_steps: int, steps_per_epoch: int
 def _warmup_within_run(
     warmup_epochs: float, warmup_steps: int, steps_per_epoch: int, total_steps: int
 ) -> int:
-    """The warmup in updates; every schedule refuses a warmup that fills the whole run."""
+    """The warmup in updates. One that fills the whole run (`trainer.epochs=1` with the default
+    1-epoch warmup, a quick check) is cut to half the run, so the LR still reaches its peak and
+    the schedule still runs; the log says so. A shorter warmup is kept as configured."""
     warmup = warmup_updates(warmup_epochs, warmup_steps, steps_per_epoch)
     if warmup >= total_steps:
-        raise ValueError(
-            f"the warmup ({warmup} updates) is not shorter than the whole run ({total_steps} "
-            "updates); lower sched.warmup_epochs / sched.warmup_steps or raise trainer.epochs"
+        fitted = total_steps // 2
+        log.warning(
+            "the warmup (%d updates) does not fit in the whole run (%d updates): cut to %d, "
+            "half the run (sched.warmup_epochs=%g and sched.warmup_steps=%d set it)",
+            warmup,
+            total_steps,
+            fitted,
+            warmup_epochs,
+            warmup_steps,
         )
+        warmup = fitted
     return warmup
 
 

@@ -5,6 +5,7 @@ real `python run.py` proves the command line ends the same way and leaves no che
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.splits import labels_of
 from engine import build
 from engine.checks import check_config
+from engine.errors import discard_unused_folder, is_user_error
 from models.timm_models import create
-from tests.helpers import REPO, composed, run_py
+from tests.helpers import REPO, clean_env, composed, run_py
 
 CONF = REPO / "conf"
 # a missing check would train for a few seconds, not a minute (no image size: imagefolder has none)
@@ -44,7 +47,21 @@ CASES = [
         ["trainer.epochs=0", "optim.lr=0"],  # every problem at once, not one per attempt
         ["2 problems", "trainer.epochs=0 must be", "optim.lr=0 must be"],
     ),
-    (["trainer.precision=fp64"], ["trainer.precision='fp64'", "fp32"]),  # fit's first check
+    (["trainer.precision=fp64"], ["trainer.precision='fp64' must be one of fp32, bf16, fp16"]),
+    (["trainer.channels_last=yes"], ["trainer.channels_last='yes' must be true or false"]),
+    (
+        ["optim=sgd", "optim.momentum=1.2", "model.drop_path_rate=1"],
+        ["optim.momentum=1.2 must be a number >= 0 and < 1", "model.drop_path_rate=1 must be"],
+    ),
+    (
+        ["sched=multistep", "sched.milestones=[1,2]", "sched.warmup_epochs=1"],
+        ["sched.milestones=[1, 2] start within the warmup (sched.warmup_epochs=1)"],
+    ),
+    (
+        ["trainer.mixup_alpha=0.2", "data.batch_size=33"],
+        ["needs an even data.batch_size, not 33", "data.batch_size=34"],
+    ),
+    (["task=predict"], ["task.inputs=??? has no value", "task.inputs=..."]),
     pytest.param(
         ["trainer.device=cuda"],
         ["trainer.device='cuda'", "CUDA is not available", "trainer.device=auto"],
@@ -125,7 +142,7 @@ def test_weights_with_another_class_count_reinitialise_the_head_and_say_so(tmp_p
 def test_command_line_lists_every_problem_and_writes_no_checkpoint(tmp_path):
     marker = tmp_path / "PWNED"  # what the nested target would create if it were instantiated
     proc = run_py(
-        *BASE,
+        *BASE[1:],  # the default logger: W&B (offline), which must not start
         "trainer.epochs=2.5",
         "data.batch_size=0",
         "+model.extra._target_=os.makedirs",
@@ -141,6 +158,79 @@ def test_command_line_lists_every_problem_and_writes_no_checkpoint(tmp_path):
     assert not marker.exists()
     assert not list(tmp_path.rglob("*.pt"))
     assert not list(tmp_path.rglob("metrics.jsonl")), "it failed before the run started"
+    # the message alone, no traceback; and no run folder (Hydra's own files removed), no W&B
+    assert proc.returncode == 1
+    assert "ValueError: 4 problems in the config:" in proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert not list((tmp_path / "outputs").rglob("*")), "a run that never started leaves nothing"
+    assert "config" not in proc.stdout.split(), "the config tree is printed once the run starts"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "full_error", "message"),
+    [
+        (
+            ["data=imagefolder", "data.dataset.root=/nope"],
+            None,
+            "FileNotFoundError: data.dataset.root='/nope' does not exist; point data.dataset.root",
+        ),
+        (["task=eval", "task.ckpt=/nope.pt"], "1", "/nope.pt"),
+    ],
+    ids=["missing dataset", "HYDRA_FULL_ERROR=1"],
+)
+def test_a_user_error_prints_its_message_without_traceback_and_leaves_no_folder(
+    tmp_path, overrides, full_error, message
+):
+    env = clean_env(HYDRA_FULL_ERROR=full_error) if full_error else clean_env()
+    proc = run_py(*overrides, cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    if full_error:  # asked for: the whole traceback, down to the line that raised it
+        assert "Traceback (most recent call last)" in proc.stderr
+    else:
+        assert proc.stderr.strip().startswith("FileNotFoundError: ")
+        assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+        assert "starting fresh" not in proc.stdout  # resume=auto in a new folder: nothing to say
+    assert not list((tmp_path / "outputs").rglob("*"))
+
+
+def test_only_messages_this_repo_raises_on_purpose_count_as_user_errors(tmp_path):
+    def caught(call) -> BaseException:
+        try:
+            call()
+        except Exception as err:
+            return err
+        raise AssertionError("no exception")
+
+    assert is_user_error(caught(lambda: check_config(composed("optim.lr=-1"))))
+    missing = composed("data=imagefolder", "data.dataset.root=/nope")
+    assert is_user_error(caught(lambda: build.build_splits(missing)))  # through instantiate
+    # a library's own error, and an exception of a bug's kind in our code: shown with the
+    # traceback that a bug report needs
+    assert not is_user_error(caught(lambda: torch.zeros(2) @ torch.zeros(3)))
+    assert not is_user_error(caught(lambda: labels_of(object())))
+
+
+def test_a_failed_run_folder_is_removed_only_when_it_holds_nothing_but_hydra_files(
+    tmp_path, monkeypatch
+):
+    def folder(name: str, *extra: str) -> Path:
+        run_dir = tmp_path / "outputs" / name
+        for file in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", *extra):
+            (run_dir / file).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / file).write_text("x")
+        return run_dir
+
+    started = folder("a/started", "run.log", "config.yaml", "metrics.jsonl")
+    assert not discard_unused_folder(started, "run") and started.is_dir()
+    unused = folder("a/unused", "run.log")
+    assert discard_unused_folder(unused, "run") and not unused.exists()
+    assert started.parent.is_dir(), "the date folder still holds a run"
+    alone = folder("b/alone", "run.log")
+    assert discard_unused_folder(alone, "run") and not alone.parent.exists()
+    here = folder("c/here", "run.log")  # hydra.run.dir=. in a folder of its own
+    monkeypatch.chdir(here)
+    assert not discard_unused_folder(here, "run") and here.is_dir(), "never the current folder"
 
 
 def test_config_saved_in_a_checkpoint_is_checked_on_resume(run_task, tmp_path):

@@ -167,6 +167,21 @@ def test_cfg_job_prints_the_composed_config_without_training(tmp_path):
     assert not list(Path(tmp_path).glob("outputs")), "--cfg must not start a run"
 
 
+def test_help_lists_run_py_groups_and_not_sweep_py_searches(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(RUN_PY), "--help"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = {line.split(":")[0] for line in groups.splitlines() if ": " in line}
+    assert listed == {*GROUPS, "experiment"}, listed  # sweep.py's files live in sweeps/
+
+
 def test_unknown_model_name_suggests_close_matches():
     from models.timm_models import create
 

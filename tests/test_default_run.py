@@ -22,11 +22,39 @@ from tests.helpers import (
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def default_command(tmp_path_factory):
+    """(run folder, finished process) of `python run.py`."""
     cwd = tmp_path_factory.mktemp("user")
-    run_py(cwd=cwd)
+    proc = run_py(cwd=cwd)
     (run_dir,) = (cwd / "outputs").glob("*/*")  # outputs/<date>/<time>
-    return run_dir
+    return run_dir, proc
+
+
+@pytest.fixture(scope="module")
+def default_run(default_command):
+    return default_command[0]
+
+
+def test_terminal_shows_the_config_once_and_paths_whole(default_command):
+    run_dir, proc = default_command
+    assert proc.stdout.count("\nconfig\n") == 1 and "├── model" in proc.stdout
+    # a path a user copies into the next command is one unbroken line, however long
+    assert f"run finished: {run_dir}\n" in proc.stdout
+    assert f"best checkpoint: {run_dir / 'checkpoints' / 'best.pt'}\n" in proc.stdout
+    assert "starting fresh" not in proc.stdout  # resume=auto in a new folder: nothing to say
+    assert "cut to" not in proc.stdout  # the default 6 epochs hold the 1-epoch warmup
+
+
+@pytest.mark.slow
+def test_one_epoch_quick_check_trains_with_a_shorter_warmup(tmp_path):
+    # the README's quick check: the 1-epoch warmup of the default schedule fills the whole run
+    proc = run_py("trainer.epochs=1", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert [r["epoch"] for r in epoch_records(run_dir)] == [1]
+    log = (run_dir / "run.log").read_text()  # the terminal wraps it at 80 columns
+    assert log.count("does not fit in the whole run") == 1, log[-3000:]
+    assert "cut to" in log and "half the run" in log
+    assert "Traceback" not in proc.stderr
 
 
 def test_default_job_reaches_95_percent_top1(default_run):

@@ -1,5 +1,6 @@
 """Schedules: warmup by epochs and by updates, closed-form values, one step per update."""
 
+import logging
 import math
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from analysis.lr_curve import lr_curve
 from engine import schedules
+from engine.checks import check_config
 from tests.helpers import REPO
 
 CONF = REPO / "conf"
@@ -38,6 +41,10 @@ def curve(scheduler, updates: int, group: int = 0) -> list[float]:
     return lrs
 
 
+def warnings(caplog) -> list:
+    return [r for r in caplog.records if r.name == "engine.schedules"]
+
+
 def build(name, total_steps=100, **kwargs):
     opt = optimizer()
     return BUILDERS[name](
@@ -64,9 +71,38 @@ def test_warmup_by_epochs_or_updates_ends_at_the_right_update(name, warmup, upda
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_a_warmup_as_long_as_the_run_is_refused(name):
-    with pytest.raises(ValueError, match=r"warmup .* is not shorter than the whole run"):
-        build(name, total_steps=20, warmup_epochs=2)
+def test_a_warmup_as_long_as_the_run_is_cut_to_half_the_run_with_one_warning(name, caplog):
+    caplog.set_level(logging.WARNING)
+    kwargs = {"multistep": {"milestones": [1.5]}, "step": {"decay_epochs": 0.5}}.get(name, {})
+    lrs = curve(build(name, total_steps=20, warmup_epochs=2, **kwargs), 20)
+    assert lrs[0] == pytest.approx(WARMUP_LR)
+    assert lrs[9] < LR and lrs[10] == pytest.approx(LR)  # 10 updates of warmup, not 20
+    (record,) = warnings(caplog)
+    assert "warmup (20 updates) does not fit in the whole run (20 updates)" in record.message
+    assert "cut to 10, half the run" in record.message
+
+
+def test_a_warmup_shorter_than_the_run_is_kept_and_not_mentioned(caplog):
+    caplog.set_level(logging.WARNING)
+    lrs = curve(build("cosine", total_steps=20, warmup_steps=19), 20)
+    assert lrs[18] < LR and lrs[19] == pytest.approx(LR)
+    assert not warnings(caplog)
+
+
+def test_one_epoch_of_the_default_config_trains_and_draws_with_half_an_epoch_of_warmup(caplog):
+    # `python run.py trainer.epochs=1`, the first quick check people run: the default cosine
+    # schedule's 1-epoch warmup is the whole run; analysis/lr_curve.py uses the same builder
+    caplog.set_level(logging.WARNING)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["trainer.epochs=1", "data.dataset.image_size=8"])
+    check_config(cfg)
+    curve = lr_curve(cfg)
+    per_epoch = curve["updates_per_epoch"]
+    assert curve["warmup"] == per_epoch // 2 and len(curve["lr"]) == per_epoch
+    assert max(curve["lr"]) == pytest.approx(cfg.optim.lr)  # the peak is reached, then decays
+    assert curve["lr"][-1] < curve["lr"][per_epoch // 2]
+    (record,) = warnings(caplog)
+    assert "cut to" in record.message
 
 
 def test_cosine_matches_its_closed_form():

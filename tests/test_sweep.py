@@ -63,7 +63,7 @@ def states(study: optuna.Study) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration: every conf/sweep option, and the errors
+# configuration: every sweeps/ option, and the errors
 
 
 @pytest.mark.parametrize("name", sweep.sweep_options())
@@ -72,7 +72,7 @@ def test_every_sweep_option_composes_with_run_config(name, tmp_path, monkeypatch
     cfg, continuing = sweep.load_config([f"sweep={name}"])
     assert not continuing
     assert cfg.name == name
-    assert not OmegaConf.missing_keys(cfg)  # conf/sweep/default.yaml gives every key a value
+    assert not OmegaConf.missing_keys(cfg)  # sweeps/default.yaml gives every key a value
     sweep.check_run_config(cfg)  # every space key and choice is a run.py override that composes
 
 
@@ -265,7 +265,8 @@ def test_a_failed_trial_is_marked_fail_with_its_error_and_the_sweep_goes_on(tmp_
     ]
     rows = {int(r["trial"]): r for r in csv.DictReader((sweep_dir / "leaderboard.csv").open())}
     assert rows[0]["note"] == (
-        "run.py exited 1: ValueError: trainer.precision='fp17'; choose one of ['fp32', 'bf16', 'fp16']"
+        "run.py exited 1: ValueError: trainer.precision='fp17' must be one of fp32, bf16, fp16, "
+        "e.g. trainer.precision=bf16"
     )
 
 
