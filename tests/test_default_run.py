@@ -11,7 +11,6 @@ from tests.helpers import (
     epoch_records,
     read_jsonl,
     records_of,
-    run_py,
     summary,
     wandb_config,
     wandb_history,
@@ -20,13 +19,7 @@ from tests.helpers import (
     wandb_runs,
 )
 
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("user")
-    run_py(cwd=cwd)
-    (run_dir,) = (cwd / "outputs").glob("*/*")  # outputs/<date>/<time>
-    return run_dir
+# default_run: tests/conftest.py (analysis/cam.py's demo test reads the same run)
 
 
 def test_default_job_reaches_95_percent_top1(default_run):
