@@ -29,8 +29,9 @@ Options (key=value):
   out          folder for the PNGs; default <run>/cam (next to checkpoints/ or export/)
 
 Each PNG shows the input (an image file as the model sees it: resized and cropped, unnormalised)
-and the overlay of each method (jet colours weighted by the map, so the picture shows through), titled with the predicted class and its probability, the true
-class of a validation image, and the class the map explains. The written paths are printed.
+and the overlay of each method (jet colours weighted by the map, so the picture shows through
+where the map is cold), titled with the predicted class and its probability, the true class of a
+validation image, and the class the map explains. The written paths are printed.
 """
 
 import difflib

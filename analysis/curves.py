@@ -148,8 +148,11 @@ def has_training_records(metrics_file: Path) -> bool:
     stopped before its first log) holds only summaries: nothing to draw."""
     with open(metrics_file) as f:
         for line in f:
-            if line.strip() and "summary" not in json.loads(line):
-                return True
+            try:
+                if line.strip() and "summary" not in json.loads(line):
+                    return True
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: the next may still be a record
     return False
 
 
@@ -432,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             sources = args.runs
         else:
             newest, skipped = latest_run()
-            console.print(_chosen(newest, skipped), soft_wrap=True)  # paths are never cut
+            # soft_wrap: paths are never cut; markup off: a [ in a path is no style tag
+            console.print(_chosen(newest, skipped), soft_wrap=True, markup=False)
             sources = [str(newest)]
         runs = load_runs(sources)
         out = plot_curves(
