@@ -12,7 +12,8 @@ transform: the decoded image file (ImageFiles: RGB, EXIF-turned, as `load_image`
 torchvision's raw uint8 image (CIFAR, MNIST), or the stored tensor (digits, mnist5k: these are
 preprocessed once in memory and have no per-sample transform, so the two pictures agree).
 `+n` samples (16) of `+split` (train | val), drawn by `seed` (the config's own key, 0), written
-to `+out` (samples_<split>.png; the suffix picks the format: .png, .pdf, .svg).
+to `+out` (outputs/analysis/samples_<split>.png, git-ignored; the suffix picks the format:
+.png, .pdf, .svg).
 """
 
 import math
@@ -31,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
-from analysis.cli import no_run_folder
+from analysis.cli import TOOL_OUT, no_run_folder
 
 # inches. One sample is a cell: its class name, then two square panels side by side, each with
 # a two-line caption below; cells are GAP_IN apart and the figure title sits above them all.
@@ -220,7 +221,7 @@ def draw(rows: list[dict], classes: list[str], title: str, transform_name: str, 
 def browse(cfg: DictConfig, n: int = 16, split: str = "train", out=None, seed: int = 0) -> Path:
     """Draw `n` samples of `split` (train | val) of cfg's dataset, each as loaded and after the
     split's transform, with its class name; write the grid to `out` (default
-    samples_<split>.png) and return its path."""
+    outputs/analysis/samples_<split>.png) and return its path."""
     from engine.build import build_splits
 
     if split not in ("train", "val"):
@@ -235,7 +236,7 @@ def browse(cfg: DictConfig, n: int = 16, split: str = "train", out=None, seed: i
         caption = "stored, no transform"
     else:
         caption = f"{'train' if split == 'train' else 'eval'} transform"
-    out = out if out is not None else f"samples_{split}.png"
+    out = out if out is not None else TOOL_OUT / f"samples_{split}.png"
     return draw(rows, splits.classes, title, caption, find_normalize(transform), out)
 
 

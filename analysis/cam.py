@@ -17,8 +17,10 @@ Options (key=value):
   layer        module name (list_layers=true prints them with their output shapes). Default: a
                ViT / DeiT / BEiT's last block's norm1, its patch tokens laid on the patch grid
                (class and register tokens dropped); otherwise the deepest of timm's feature
-               stages (Swin's NHWC stages turned NCHW) whose map is at least 2 x 2 at the input
-               size, since a 1 x 1 map gives a flat CAM; else the last Conv2d.
+               stages (Swin's NHWC stages turned NCHW) whose map is at least 7 x 7 at the input
+               size (ResNet-18 on the 56 px default digits: layer2), since a coarser map blown
+               up to the image cannot point at a stroke; where no stage is that fine, the
+               deepest one of at least 2 x 2 (a 1 x 1 map is flat); else the last Conv2d.
   target       the class each map explains, an index or a name (names are matched first);
                default the predicted class
   aug_smooth, eigen_smooth   pytorch-grad-cam's test-time-augmentation and principal-component
@@ -27,8 +29,9 @@ Options (key=value):
   out          folder for the PNGs; default <run>/cam (next to checkpoints/ or export/)
 
 Each PNG shows the input (an image file as the model sees it: resized and cropped, unnormalised)
-and the overlay of each method, titled with the predicted class and its probability, the true
-class of a validation image, and the class the map explains. The written paths are printed.
+and the overlay of each method (jet colours weighted by the map, so the picture shows through
+where the map is cold), titled with the predicted class and its probability, the true class of a
+validation image, and the class the map explains. The written paths are printed.
 """
 
 import difflib
@@ -56,6 +59,13 @@ BATCH = 16  # images per CAM pass: bounds the activations and gradients held at 
 PANEL_IN, TITLE_IN, DPI = 2.4, 0.6, 100
 # modules whose 4-D output is NCHW even inside an NHWC model (Swin's patch_embed.proj)
 NCHW_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# the default layer's map has at least this many cells a side where a stage allows: a coarser
+# map, blown up to the image, cannot say which stroke or part the class rests on (ResNet's layer4
+# at 224 px is 7 x 7)
+MIN_CELLS = 7
+# colour weight of the map where it is 1, falling to 0 with the map: cold cells leave the
+# picture as it is, so what the model looked at stays visible under the colour
+OVERLAY_ALPHA = 0.6
 
 
 def target_layer(model: nn.Module, name: str | None = None, input_hw=None):
@@ -102,8 +112,10 @@ def _default_layer(model: nn.Module, modules: dict, input_hw) -> str:
     if stages:
         if input_hw is not None:
             side = min(int(s) for s in input_hw)
-            coarse_ok = [s for s in stages if side // int(s.get("reduction", 1)) >= 2]
-            stages = coarse_ok or stages[:1]
+            fine = [s for s in stages if _cells(side, s) >= MIN_CELLS]
+            # no stage that fine: the deepest one that is not flat (a 1 x 1 map explains nothing)
+            coarse = [s for s in stages if _cells(side, s) >= 2]
+            stages = fine or coarse or stages[:1]
         return stages[-1]["module"]
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -112,6 +124,11 @@ def _default_layer(model: nn.Module, modules: dict, input_hw) -> str:
             "give layer=<module name> (list_layers=true prints them)"
         )
     return convs[-1]
+
+
+def _cells(side: int, stage: dict) -> int:
+    # cells along a side of a stage's map: timm's `reduction` is the stage's total stride
+    return side // int(stage.get("reduction", 1))
 
 
 def _reshape_for(model: nn.Module, module: nn.Module):
@@ -299,13 +316,22 @@ def out_folder(source: Path) -> Path:
     return source.parent / "cam"
 
 
+def overlay(picture: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """picture (H, W, 3) in 0..1 under the jet colours of cam (H, W) in 0..1, each pixel's
+    colour weighted by its map value (OVERLAY_ALPHA at 1); (H, W, 3) in 0..1."""
+    from matplotlib import colormaps
+
+    cam = np.clip(cam, 0.0, 1.0)
+    alpha = OVERLAY_ALPHA * cam[..., None]
+    return (1 - alpha) * picture + alpha * colormaps["jet"](cam)[..., :3]
+
+
 def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
     """The picture, then its overlay for each method, under one title; written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pytorch_grad_cam.utils.image import show_cam_on_image
 
     panels = 1 + len(cams)
     fig, axes = plt.subplots(
@@ -316,7 +342,7 @@ def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
     axes[0].imshow(picture, interpolation="nearest")
     axes[0].set_title("input", fontsize=9)
     for ax, (method, cam) in zip(axes[1:], cams.items(), strict=True):
-        ax.imshow(show_cam_on_image(shown, cam, use_rgb=True), interpolation="nearest")
+        ax.imshow(overlay(shown, cam), interpolation="nearest")
         ax.set_title(method, fontsize=9)
     for ax in axes:
         ax.axis("off")

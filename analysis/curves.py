@@ -5,7 +5,7 @@ or +-std). A run is read from its run folder's metrics.jsonl, from a W&B offline
 (`<run>/wandb/offline-run-*`, through `wandb leet inspect --json`) or, online, from a W&B run
 path `entity/project/run_id`.
 
-    python analysis/curves.py                                  # newest run under outputs/
+    python analysis/curves.py                                  # newest training run in outputs/
     python analysis/curves.py multirun/2026-11-22/10-00-00-000000 --label optim.lr
     python analysis/curves.py RUN_A RUN_B --keys train/loss val/acc1 val/loss --out fig.png
 """
@@ -142,14 +142,43 @@ def _job_dirs(folder: Path) -> list[Path]:
     return sorted((j for j in jobs if (j / "metrics.jsonl").is_file()), key=lambda p: int(p.name))
 
 
-def latest_run(root: Path = Path("outputs")) -> Path:
+def has_training_records(metrics_file: Path) -> bool:
+    """Whether a metrics.jsonl holds a record logged at a step. An eval job's (or a run that
+    stopped before its first log) holds only summaries: nothing to draw."""
+    with open(metrics_file) as f:
+        for line in f:
+            try:
+                if line.strip() and "summary" not in json.loads(line):
+                    return True
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: the next may still be a record
+    return False
+
+
+def latest_run(root: Path = Path("outputs")) -> tuple[Path, list[Path]]:
+    """(the newest run folder under root whose metrics.jsonl holds training records, the newer
+    folders passed over because theirs holds none)."""
     found = list(root.rglob("metrics.jsonl")) if root.is_dir() else []
-    if not found:
-        raise FileNotFoundError(
-            f"no run given and no run (a folder with metrics.jsonl) under {root.resolve()}/; "
-            "train one with `python run.py` or pass run folders"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime).parent
+    skipped = []
+    for metrics in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        if has_training_records(metrics):
+            return metrics.parent, skipped
+        skipped.append(metrics.parent)
+    raise FileNotFoundError(
+        f"no run given and no training run (a folder whose metrics.jsonl holds records logged "
+        f"at a step) under {root.resolve()}/"
+        + (f"; {len(skipped)} folder(s) there hold only summaries (eval jobs)" if skipped else "")
+        + "; train one with `python run.py` or pass run folders"
+    )
+
+
+def _chosen(run: Path, skipped: list[Path]) -> str:
+    """The line that says which run a bare `curves.py` draws, and why that one."""
+    why = "the newest run under outputs/ with training records"
+    if skipped:
+        newer = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        why += f"; passed over {len(skipped)} newer folder(s) without any (eval jobs): {newer}"
+    return f"no run given: drawing {run} ({why})"
 
 
 def load_runs(sources: list[str | Path]) -> list[Run]:
@@ -213,9 +242,14 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
+def label_of(run: Run, label_key: str) -> str:
+    """`key=value` of one run's config, the --label of its line and table row."""
+    return f"{label_key}={config_value(run.config, label_key)}"
+
+
 def group_labels(groups: list[list[Run]], label_key: str | None = None) -> list[str]:
     if label_key:
-        return [f"{label_key}={config_value(g[0].config, label_key)}" for g in groups]
+        return [label_of(g[0], label_key) for g in groups]
     # otherwise the config values that tell the groups apart, if few; else the run names
     flats = [_flatten({k: v for k, v in g[0].config.items() if k != "seed"}) for g in groups]
     keys = sorted({k for f in flats for k in f})
@@ -269,18 +303,22 @@ def time_stats(run: Run) -> dict:
     }
 
 
-def time_table(runs: list[Run]):
+def time_table(runs: list[Run], label: str | None = None):
+    """The training-time table, a row per run; label: a config key naming each row as the
+    figure's legend does (`optim.lr=0.001 (sweep/0)`), the run's name after it."""
     from rich.table import Table
 
     table = Table(title="training time")
     for column in ("run", "epochs", "slowest epoch", "fastest epoch", "mean per update"):
         table.add_column(column, justify="left" if column == "run" else "right")
-    for stats in map(time_stats, runs):
+    for run in runs:
+        stats = time_stats(run)
+        name = f"{label_of(run, label)} ({run.name})" if label else run.name
         if not stats["epochs"]:
-            table.add_row(stats["run"], "0", "-", "-", "-")
+            table.add_row(name, "0", "-", "-", "-")
             continue
         table.add_row(
-            stats["run"],
+            name,
             str(stats["epochs"]),
             f"#{stats['slowest_epoch']}  {stats['slowest_s']:.2f} s",
             f"#{stats['fastest_epoch']}  {stats['fastest_s']:.2f} s",
@@ -361,7 +399,12 @@ def _default_out(runs: list[Run], sources: list[str]) -> Path:
         return first / "curves.png"  # a multirun folder: beside its jobs
     source = Path(runs[0].source)
     folder = source.parent if source.name == "metrics.jsonl" else source
-    return folder / "curves.png" if folder.exists() else Path("curves.png")
+    if folder.exists():
+        return folder / "curves.png"
+    from analysis.cli import TOOL_OUT  # an online W&B run: no folder of its own here
+
+    name = re.sub(r"[^\w.-]+", "_", runs[0].name)
+    return TOOL_OUT / f"curves_{name}.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,14 +418,25 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the newest run under outputs/)",
     )
     parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metric keys")
-    parser.add_argument("--out", type=Path, help="PNG to write (default: <first run>/curves.png)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="PNG to write (default: <first run>/curves.png; an online W&B run: "
+        "outputs/analysis/curves_<name>.png)",
+    )
     parser.add_argument("--label", help="config key naming each line, e.g. optim.lr")
     parser.add_argument("--band", choices=("minmax", "std"), default="minmax")
     args = parser.parse_args(argv)
 
     console = Console()
     try:
-        sources = args.runs or [str(latest_run())]
+        if args.runs:
+            sources = args.runs
+        else:
+            newest, skipped = latest_run()
+            # soft_wrap: paths are never cut; markup off: a [ in a path is no style tag
+            console.print(_chosen(newest, skipped), soft_wrap=True, markup=False)
+            sources = [str(newest)]
         runs = load_runs(sources)
         out = plot_curves(
             runs, args.keys, args.out or _default_out(runs, sources), args.label, args.band
@@ -390,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"curves: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
-    console.print(time_table(runs))
+    console.print(time_table(runs, args.label))
     console.print(f"wrote {out}")
     return 0
 

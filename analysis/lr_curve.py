@@ -1,6 +1,6 @@
 """The LR (and momentum) of every update of a config, without training.
 
-python analysis/lr_curve.py                              # the default run: PNG + CSV in .
+python analysis/lr_curve.py                              # outputs/analysis/lr_curve.png + .csv
 python analysis/lr_curve.py optim=sgd sched=step trainer.epochs=90 +out=plots/sgd_step
 python analysis/lr_curve.py data=imagenet model=vit_base +train_size=1281167
 WORLD_SIZE=8 python analysis/lr_curve.py ...             # the LR scaling of 8 processes
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, model
 import hydra
 from omegaconf import DictConfig
 
-from analysis.cli import no_run_folder
+from analysis.cli import TOOL_OUT, no_run_folder
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # inches, pixels per inch: an 800 x 450 PNG
 
@@ -122,7 +122,9 @@ def write(curve: dict, out: str | Path) -> tuple[Path, Path]:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     curve = lr_curve(cfg, train_size=cfg.get("train_size"))
-    png, csv_path = write(curve, cfg.get("out", "lr_curve"))
+    # not the current folder: in a clone that is the repo, and untracked files there make
+    # every later run record the checkout "dirty"; outputs/ is git-ignored
+    png, csv_path = write(curve, cfg.get("out", TOOL_OUT / "lr_curve"))
     peak = max(curve["lr"])
     print(f"{curve['title']}; peak lr {peak:.4g}, last {curve['lr'][-1]:.4g}")
     print(f"wrote {png}")

@@ -9,8 +9,8 @@ one training reads. Each is read with data.images.load_image, the dataset's own 
 full decode, EXIF turn, RGB), on `+workers` threads (all CPUs; Pillow decodes without the GIL,
 and more threads than CPUs help on network file systems). "Unreadable" is data.images.read_error:
 exactly the files that data.dataset.bad_images skips (training) or fails on. The report, `+out`
-(verify_report.txt), has one `<path><TAB><error>` line per unreadable file, sorted by path
-(empty when all load): `cut -f1 verify_report.txt` lists them. Exit status 1 when any file is
+(outputs/analysis/verify_report.txt, git-ignored), has one `<path><TAB><error>` line per
+unreadable file, sorted by path (empty when all load): `cut -f1 <report>` lists them. Exit status 1 when any file is
 unreadable, 0 otherwise. Datasets held in memory (digits, mnist5k, CIFAR, MNIST) have no image
 files; build_splits has already read them, so there is nothing left to check (exit status 0).
 """
@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
-from analysis.cli import no_run_folder
+from analysis.cli import TOOL_OUT, no_run_folder
 from data.images import read_error
 
 BATCH = 64  # files per task: progress moves in these steps, and ImageNet makes 20,000 tasks
@@ -91,17 +91,18 @@ def scan(paths: Sequence[str], workers: int | None = None, progress: bool = Fals
 
 
 def verify(
-    cfg: DictConfig, workers: int | None = None, out="verify_report.txt", progress: bool = False
+    cfg: DictConfig, workers: int | None = None, out=None, progress: bool = False
 ) -> VerifyReport:
     """Decode every image file of cfg's train and val datasets; write the report file `out`
-    (one `<path><TAB><error>` line per unreadable file) and return the counts."""
+    (one `<path><TAB><error>` line per unreadable file; None: outputs/analysis/
+    verify_report.txt) and return the counts."""
     from engine.build import build_splits
 
     splits = build_splits(cfg)
     datasets = [d for d in (splits.train, splits.val, splits.train_eval) if d is not None]
     paths, in_memory = image_files(datasets)
     bad = scan(paths, workers, progress) if paths else []
-    out = Path(out)
+    out = Path(out) if out is not None else TOOL_OUT / "verify_report.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     # always rewritten, so a report left from an earlier scan never passes for this one
     out.write_text("".join(f"{path}\t{error}\n" for path, error in bad))
@@ -113,7 +114,7 @@ def main(cfg: DictConfig) -> None:
     report = verify(
         cfg,
         workers=cfg.get("workers"),
-        out=cfg.get("out", "verify_report.txt"),
+        out=cfg.get("out"),
         progress=sys.stdout.isatty(),
     )
     name = str(cfg.data.dataset._target_).rsplit(".", 1)[-1]

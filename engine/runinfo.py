@@ -32,16 +32,29 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+CHANGES_KEPT = 20  # paths listed in run_info.json's git.changes; the count says how many more
+
+
 def git_state(repo: Path) -> dict:
+    """{commit, dirty, changes}: dirty when a tracked file differs from the commit or a file
+    git does not ignore is untracked (a new model or config file changes what runs); changes
+    lists them as `git status --porcelain` does (up to CHANGES_KEPT), so a dirty flag says why.
+    What runs and tools write (outputs/, multirun/, wandb/, ...) is git-ignored, so it never
+    makes a checkout dirty."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}  # not a git checkout, or git missing
+        return {"commit": None, "dirty": None, "changes": None}  # not a checkout, or no git
+    changes = status.splitlines()
+    if len(changes) > CHANGES_KEPT:
+        changes = [*changes[:CHANGES_KEPT], f"... and {len(changes) - CHANGES_KEPT} more"]
+    return {"commit": commit, "dirty": bool(changes), "changes": changes}
 
 
 def versions() -> dict:

@@ -8,6 +8,18 @@ from tests.helpers import TINY, composed, run_py
 
 
 @pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The folder of `python run.py` with no arguments (W&B offline), made once per session.
+
+    Read-only, as tiny_run: test_default_run.py checks it, test_analysis_cam.py explains it.
+    """
+    cwd = tmp_path_factory.mktemp("user")
+    run_py(cwd=cwd)
+    (run_dir,) = (cwd / "outputs").glob("*/*")  # outputs/<date>/<time>
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """The folder of a real 2-epoch run on 8x8 digits (with EMA weights), made once per session.
 

@@ -21,6 +21,7 @@ from analysis.cam import (
     compute_cam,
     layer_table,
     main,
+    overlay,
     target_layer,
     validation_samples,
     validation_split,
@@ -157,6 +158,49 @@ def test_cam_of_the_square_class_is_on_the_square(square_run):
         assert (ratios > 2).mean() >= most and np.median(ratios) > 3, (method, smoothing, ratios)
 
 
+def stroke_mass(cams: np.ndarray, strokes: np.ndarray) -> np.ndarray:
+    """(images, images): [i, j] is the share of map i's mass on the stroke pixels of image j."""
+    flat = cams.reshape(len(cams), -1).astype(np.float64)
+    flat /= np.maximum(flat.sum(1, keepdims=True), 1e-12)
+    return flat @ strokes.reshape(len(strokes), -1).T.astype(np.float64)
+
+
+def test_default_demo_maps_lie_on_the_strokes(default_run, tmp_path, monkeypatch, capsys):
+    """`python analysis/cam.py` after `make run`: ResNet-18's layer2 on the 56 px digits, a
+    7 x 7 map whose mass lies on the digit's strokes, drawn with the digit visible under it."""
+    monkeypatch.chdir(default_run.parent.parent.parent)  # where run.py ran
+    assert main([f"out={tmp_path}"]) == 0
+    assert len(list(tmp_path.glob("val_*_gradcam.png"))) == 8
+    assert f"wrote 8 CAM figure(s) to {tmp_path}" in capsys.readouterr().out
+
+    trained = load_trained(default_run)
+    images, _, _, pictures = validation_samples(validation_split(trained), range(96))
+    assert target_layer(trained.model, None, images.shape[-2:])[0] == "layer2"
+    (mean,), (std,) = trained.preprocess["mean"], trained.preprocess["std"]
+    strokes = (images[:, 0] * std + mean).numpy() > 0.4  # the ink of the 0..1 digits
+    area = strokes.mean(axis=(1, 2))  # ~36% of the pixels
+    # a flat map, or the old 2 x 2 one at 16 px, puts the strokes' share of area on them (1.0x)
+    for method in ("gradcam", "gradcam++", "xgradcam", "layercam"):
+        cams, _ = compute_cam(trained.model, images, method)
+        own = np.diag(stroke_mass(cams, strokes))
+        print(method, "stroke mass / stroke area:", round(own.mean() / area.mean(), 2))
+        assert own.mean() > 1.2 * area.mean() and (own > area).mean() > 0.7, method
+    # EigenCAM (the activations' principal component) follows this digit's own strokes: more of
+    # its mass on them than on another digit's, which a map centred on every image would not do
+    # (EigenGradCAM is left out: a component's sign is arbitrary)
+    mass = stroke_mass(compute_cam(trained.model, images, "eigencam")[0], strokes)
+    other = (mass.sum(1) - np.diag(mass)) / (len(mass) - 1)
+    assert (np.diag(mass) > other).mean() > 0.9 and np.diag(mass).mean() > 0.6
+
+    # the overlay keeps the digit readable: under the hottest map the strokes stay brighter
+    # than the background by 40% of their contrast, under a cold map the picture is untouched
+    shown = pictures[0].astype(np.float32) / 255
+    assert np.array_equal(overlay(shown, np.zeros(shown.shape[:2])), shown)
+    hot = overlay(shown, np.ones(shown.shape[:2])).mean(-1)
+    contrast = shown.mean(-1)[strokes[0]].mean() - shown.mean(-1)[~strokes[0]].mean()
+    assert hot[strokes[0]].mean() - hot[~strokes[0]].mean() >= 0.39 * contrast
+
+
 def test_cli_writes_one_png_per_validation_image(tiny_run, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "analysis" / "cam.py"), f"run={tiny_run}", "n=3", "out=cam"],
@@ -288,11 +332,22 @@ def test_list_layers_marks_the_default(square_run, capsys):
     assert main([f"run={square_run}", "list_layers=true"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (default,) = [line for line in lines if "<- default" in line]
-    # at 32 px layer4 is 1 x 1 (a flat CAM): the default is the deepest stage of 2 x 2 or more
-    assert default.split()[:2] == ["layer3", "Sequential"] and "(192, 2, 2)" in default
+    # at 32 px layer2 is 4 x 4: the default is the deepest stage of at least 7 x 7 cells
+    assert default.split()[:2] == ["layer1", "Sequential"] and "(32, 8, 8)" in default
     assert any(
-        line.split()[:2] == ["layer4", "Sequential"] and "(96, 1, 1)" in line for line in lines
+        line.split()[:2] == ["layer2", "Sequential"] and "(48, 4, 4)" in line for line in lines
     )
+
+
+@pytest.mark.parametrize(
+    "side, layer",
+    [(224, "layer4"), (56, "layer2"), (32, "layer1"), (8, "layer1"), (4, "act1")],
+)
+def test_default_layer_is_the_deepest_with_7_by_7_cells(side, layer):
+    # ResNet stages at strides 2 (act1), 4, 8, 16, 32. At 8 px no stage reaches 7 x 7: the
+    # deepest of 2 x 2 or more (layer1); at 4 px only the stem's 2 x 2
+    model = timm.create_model("resnet18", num_classes=3)
+    assert target_layer(model, None, (side, side))[0] == layer
 
 
 @pytest.mark.parametrize(
@@ -306,7 +361,7 @@ def test_list_layers_marks_the_default(square_run, capsys):
             {"depth": 2, "embed_dim": 64, "num_heads": 2},
             "blocks.1.norm1",
         ),
-        ("swin_tiny_patch4_window7_224", {}, "layers.2"),  # NHWC stages; layers.3 is 1 x 1
+        ("swin_tiny_patch4_window7_224", {}, "layers.0"),  # NHWC stages; layers.1 is 4 x 4
     ],
 )
 def test_transformers_give_maps_of_the_input_size(name, kwargs, layer):

@@ -1,5 +1,7 @@
 """analysis/curves.py on real runs: seeds grouped into a band, lrs apart, W&B = metrics.jsonl."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -132,3 +134,39 @@ def test_no_run_says_so_and_exits_non_zero(tmp_path):
     )
     assert proc.returncode != 0
     assert "no run given" in proc.stderr and "outputs" in proc.stderr
+
+
+def test_no_argument_passes_over_an_eval_job_and_says_which_run(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    outputs = tmp_path / "outputs" / "2024-01-01"
+    train, evaluation = outputs / "10-00-00-000000", outputs / "11-00-00-000000"
+    for folder in (train, evaluation):
+        folder.mkdir(parents=True)
+    shutil.copy(tiny_run / "metrics.jsonl", train)
+    shutil.copy(tiny_run / "config.yaml", train)
+    # a task=eval job's metrics.jsonl: summary records only (engine.logger's summary)
+    lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
+    (evaluation / "metrics.jsonl").write_text("\n".join(x for x in lines if '"summary"' in x))
+    newer = (train / "metrics.jsonl").stat().st_mtime + 60
+    os.utime(evaluation / "metrics.jsonl", (newer, newer))
+    monkeypatch.chdir(tmp_path)
+    assert curves.main([]) == 0
+    out = capsys.readouterr().out
+    assert "no run given: drawing outputs/2024-01-01/10-00-00-000000 (the newest run" in out
+    assert "passed over 1 newer folder(s) without any (eval jobs): " in out
+    assert "outputs/2024-01-01/11-00-00-000000" in out
+    assert (train / "curves.png").is_file() and not (evaluation / "curves.png").exists()
+
+    shutil.rmtree(train)  # only the eval job left: nothing to draw, and the error says why
+    assert curves.main([]) == 1
+    assert "1 folder(s) there hold only summaries (eval jobs)" in capsys.readouterr().err
+
+
+def test_label_names_the_rows_of_the_time_table(tiny_run):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(curves.time_table(curves.load_runs([tiny_run]), "optim.lr"))
+    lr = yaml.safe_load((tiny_run / "config.yaml").read_text())["optim"]["lr"]
+    assert f"optim.lr={lr} ({tiny_run.name})" in console.export_text()

@@ -232,7 +232,12 @@ def test_verify_cli_report_and_exit_status(command_lines):
     status, stdout, stderr = command.finish()
     assert status == expected_status, stderr[-3000:]
     counts = f"scanned {len(bad) + len(good)} image files (train and val), {len(bad)} unreadable"
-    assert f"{counts}; report: verify_report.txt" in stdout
-    listed = (command.cwd / "verify_report.txt").read_text()
+    assert f"{counts}; report: outputs/analysis/verify_report.txt" in stdout
+    listed = (command.cwd / "outputs" / "analysis" / "verify_report.txt").read_text()
     assert sorted(line.split("\t")[0] for line in listed.splitlines()) == sorted(bad)
-    assert [p.name for p in command.cwd.iterdir()] == ["verify_report.txt"]  # and no run folder
+    # the report under the git-ignored outputs/, and no run folder
+    assert [str(p.relative_to(command.cwd)) for p in command.cwd.rglob("*")] == [
+        "outputs",
+        "outputs/analysis",
+        "outputs/analysis/verify_report.txt",
+    ]

@@ -1,6 +1,7 @@
 """analysis/lr_curve.py draws the LR a real run logs, update for update."""
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from analysis.lr_curve import DPI, FIGSIZE, lr_curve, write
+from engine.runinfo import git_state
 from tests.helpers import REPO, TINY, clean_env, read_jsonl, run_py
 
 # 4 batches per epoch, accumulated 3 at a time: 2 updates per epoch (the second of 1 batch);
@@ -78,3 +80,45 @@ def test_cli_writes_where_asked_and_nothing_else(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote c.png" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "c.png"]
+
+
+def clone_of_this_checkout(dest):
+    """A git repository holding this checkout's files (tracked, and untracked but not ignored)
+    as one commit: a fresh clone of the code under test, uncommitted edits included."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the checkout is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    who = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], [*who, "commit", "-q", "-m", "clone"]):
+        subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.mark.slow  # a tool subprocess in a copy of the repo
+def test_defaults_in_a_clone_write_under_outputs_and_leave_it_clean(tmp_path):
+    clone = clone_of_this_checkout(tmp_path / "clone")
+    assert git_state(clone)["dirty"] is False
+    proc = subprocess.run(
+        [sys.executable, "analysis/lr_curve.py", "data.dataset.image_size=8", "trainer.epochs=2"],
+        cwd=clone,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = ["outputs/analysis/lr_curve.csv", "outputs/analysis/lr_curve.png"]
+    assert all(f"wrote {path}" in proc.stdout for path in written)
+    assert sorted(str(p.relative_to(clone)) for p in (clone / "outputs").rglob("*.*")) == written
+    # what a run started now records in run_info.json; a file that matters still counts
+    assert git_state(clone) == {"commit": git_state(clone)["commit"], "dirty": False, "changes": []}
+    (clone / "models" / "my_net.py").write_text("")
+    assert git_state(clone)["changes"] == ["?? models/my_net.py"]
