@@ -159,7 +159,8 @@ def serve(cfg: DictConfig) -> None:
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
     )
-    serve_http(classifier, host=task.host, port=task.port, topk=task.topk, max_bytes=task.max_bytes)
+    limits = ("topk", "max_bytes", "max_pixels", "max_decodes", "decode_wait_s")
+    serve_http(classifier, host=task.host, port=task.port, **{k: task[k] for k in limits})
     # The server has stopped cleanly. Leave without the interpreter's teardown: handler threads
     # of idle keep-alive connections (daemons) and torch's native thread pools can race it and
     # abort the process ("terminate called without an active exception", status -6).

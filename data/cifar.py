@@ -1,9 +1,13 @@
 """CIFAR-10 / CIFAR-100 in torchvision's format, downloaded when the machine is online."""
 
+import hashlib
+import io
+import pickle
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from torchvision import datasets
 
 from data.splits import Splits
@@ -63,19 +67,44 @@ def _cifar(
         train_transform = small_image_transforms(image_size, mean, std, train=True, augment=augment)
         eval_transform = small_image_transforms(image_size, mean, std, train=False, augment=False)
         preprocess = small_image_preprocess(image_size, mean, std)
-    train, val = read_pair(
-        cls,
-        root,
-        download,
-        train_transform,
-        eval_transform,
-        where=root / cls.base_folder,
-        source=cls.url,
-        expected=(
-            f"torchvision's extracted {cls.filename} (the folder {cls.base_folder}/ with its "
-            "batch files)"
-        ),
-    )
+    where = root / cls.base_folder
+    try:
+        train, val = read_pair(
+            cls,
+            root,
+            download,
+            train_transform,
+            eval_transform,
+            where=where,
+            source=cls.url,
+            expected=(
+                f"torchvision's extracted {cls.filename} (the folder {cls.base_folder}/ with its "
+                "batch files)"
+            ),
+        )
+    except FileNotFoundError as err:
+        # torchvision says "not found or corrupted" alike: tell a damaged file from a missing one
+        damaged = damaged_files(cls, where)
+        if damaged:
+            fetched = "data.dataset.download=false: no new copy was fetched"
+            if download:
+                fetched = f"the download of a new copy failed: {err.__cause__}"
+            raise ValueError(
+                f"{cls.__name__} files in {where} fail torchvision's MD5 check: "
+                f"{'; '.join(damaged)} ({fetched}). A copy cut short or another release of the "
+                f"data: delete them (and {root / cls.filename} if it is there) and run again "
+                "with data.dataset.download=true on a machine that is online, or put "
+                f"torchvision's extracted {cls.filename} there again"
+            ) from err
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        # the MD5 sums matched (sums changed by hand, or a mirror with other files) but the
+        # content is not a CIFAR batch: torchvision's own error is a bare KeyError('data')
+        raise ValueError(
+            f"{cls.__name__} files in {where} pass the MD5 check but cannot be read: "
+            f"{'; '.join(malformed_files(cls, where)) or repr(err)}. Put torchvision's "
+            f"extracted {cls.filename} there again"
+        ) from err
     tensors = None  # the model's pipeline cannot run on whole tensors
     if preprocess is not None:
         tensors = partial(small_image_tensors, train, val, image_size, mean, std, augment)
@@ -88,3 +117,78 @@ def _cifar(
         preprocess=preprocess,
         tensors=tensors,
     )
+
+
+def _expected_files(cls) -> list[tuple[str, str]]:
+    """(file name, MD5) of every file torchvision's `cls` reads: batches and the meta file."""
+    return [*map(tuple, cls.train_list + cls.test_list), (cls.meta["filename"], cls.meta["md5"])]
+
+
+def damaged_files(cls, folder: Path) -> list[str]:
+    """What is wrong with each of `cls`'s files in `folder` that fails its MD5 check (and which
+    are missing beside them); empty when none of the files is there (the data is not here)."""
+    present, problems = 0, []
+    for name, md5 in _expected_files(cls):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        present += 1
+        digest = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+        if digest != md5:
+            problems.append(f"{name} ({path.stat().st_size:,} bytes) has MD5 {digest}, not {md5}")
+    return problems if present else []
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays, and refuses any other class or function:
+    looking at a file that failed to load never runs code from it."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it pickles {module}.{name}, not only arrays")
+        return super().find_class(module, name)
+
+
+def malformed_files(cls, folder: Path) -> list[str]:
+    """What is wrong with each of `cls`'s files in `folder` that torchvision cannot read."""
+    problems = []
+    for name, _ in _expected_files(cls):
+        try:
+            entry = _ArraysOnly(io.BytesIO((folder / name).read_bytes()), encoding="latin1").load()
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            problems.append(f"{name} is not a pickled batch ({err})")
+            continue
+        problem = _batch_problem(entry, cls.meta["key"] if name == cls.meta["filename"] else None)
+        if problem:
+            problems.append(f"{name} {problem}")
+    return problems
+
+
+def _batch_problem(entry, meta_key: str | None) -> str | None:
+    """What keeps `entry` from being a CIFAR batch (or, with `meta_key`, the meta file)."""
+    if not isinstance(entry, dict):
+        return f"holds a {type(entry).__name__}, not a dict"
+    keys = sorted(map(str, entry))
+    if meta_key is not None:
+        return None if meta_key in entry else f"has no {meta_key!r} entry (its keys: {keys})"
+    labels = "labels" if "labels" in entry else "fine_labels"
+    if "data" not in entry or labels not in entry:
+        return f"has no 'data' and 'labels' (or 'fine_labels') entries (its keys: {keys})"
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = getattr(data, "shape", type(data).__name__)
+        return f"has 'data' of shape {shape}, not (images, 3072): 32 x 32 pixels x 3 channels"
+    if len(entry[labels]) != len(data):
+        return f"has {len(data)} images but {len(entry[labels])} {labels}"
+    return None

@@ -170,7 +170,35 @@ def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
     ]
     _apply_overrides(run_cfg, plain_overrides, keeps="a trained model")
     checks.check_targets(run_cfg)  # the saved config is a file's content: nothing built yet
+    _say_which_data(saved.get("data") or {}, plain(run_cfg.data), "data" in chosen)
     return run_cfg, Path(HydraConfig.get().runtime.output_dir)
+
+
+def _say_which_data(trained_on: dict, used: dict, chosen: bool) -> None:
+    """Log which data a trained model is used with, and whether that is what it was trained on.
+
+    Without data=<option> on the command line the model's own data config is used, not the
+    composed default (data=digits): that default was nobody's choice, and a CIFAR model scored
+    on digits tells nothing. A data=<option> that differs is the user's choice: used, and named.
+    """
+    from engine.predict import data_name
+
+    default = HydraConfig.get().runtime.choices.get("data")
+    if not chosen:
+        other = "" if data_name(used).startswith(str(default)) else f", not data={default}"
+        log.info(
+            "data: %s, the data config saved with the model%s (data=<option> uses other data)",
+            data_name(used),
+            other,
+        )
+    elif data_name(used) != data_name(trained_on):
+        log.warning(
+            "data=%s: using %s, not %s that the model was trained on; its classes must be the "
+            "model's",
+            default,
+            data_name(used),
+            data_name(trained_on),
+        )
 
 
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:

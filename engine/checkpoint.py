@@ -6,7 +6,9 @@ Layout of <run folder>/checkpoints/:
                                 after 7 epochs and 400 batches of the 8th; removed once a newer
                                 epoch file is complete
     last.pt                     hard link to the newest of them
-    best.pt                     hard link to the epoch file with the best validation metric
+    best.pt                     hard link to the epoch file with the best validation metric;
+                                with best_weights_only, a file of its own without the optimizer,
+                                scheduler, grad-scaler and RNG states (weights, EMA, metadata)
 
 Every file appears under its final name only once it is complete (write to a temporary name,
 fsync, rename), and an old file is removed only after its successor is in place, so a crash or
@@ -248,14 +250,41 @@ def remove_temporary_files(folder: Path) -> list[Path]:
 class CheckpointSaver:
     """Saves the training state and keeps `last`, `best` and the last `keep_last` epochs.
 
+    keep_last=0: last.pt and best.pt alone. best_weights_only: best.pt holds what evaluation,
+    prediction, export and serving read (weights, EMA weights, epoch, metrics and the metadata)
+    but no optimizer, scheduler, grad-scaler or RNG state; resume reads last.pt, which keeps them.
+    With AdamW that makes best.pt a third of last.pt's size: the optimizer's two moments per
+    weight are the other two thirds.
     Creating one removes the temporary files of an interrupted save in its folder.
     """
 
-    def __init__(self, folder: Path, keep_last: int = 3, metadata: dict | None = None):
-        if not isinstance(keep_last, int) or keep_last < 0:
+    # the entries of a training state that only resuming needs
+    TRAINING_ONLY = (
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "rng_ranks",
+        "position",
+        "position_ranks",
+    )
+
+    def __init__(
+        self,
+        folder: Path,
+        keep_last: int = 3,
+        best_weights_only: bool = False,
+        metadata: dict | None = None,
+    ):
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={keep_last!r} must be an integer, 0 or more")
+        if not isinstance(best_weights_only, bool):
+            raise ValueError(
+                f"checkpoint.best_weights_only={best_weights_only!r} must be true or false"
+            )
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.best_weights_only = best_weights_only
         self.metadata = metadata or {}  # config, class names, W&B run id: stored in every file
         remove_temporary_files(self.folder)
 
@@ -273,14 +302,20 @@ class CheckpointSaver:
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / checkpoint_name(epoch, batches)
-        content = {**state, **self.metadata, "format_version": FORMAT_VERSION}
-        atomic_save({**content, "checksum": content_digest(content)}, path)
+        self._write(state, path)
         _atomic_link(path, self.folder / "last.pt")
-        if is_best:
-            _atomic_link(path, self.folder / "best.pt")
+        if is_best and self.best_weights_only:
+            weights = {k: v for k, v in state.items() if k not in self.TRAINING_ONLY}
+            self._write(weights, self.best)
+        elif is_best:
+            _atomic_link(path, self.best)
         _fsync_dir(self.folder)
         self._prune(path)
         return path
+
+    def _write(self, state: dict, path: Path) -> None:
+        content = {**state, **self.metadata, "format_version": FORMAT_VERSION}
+        atomic_save({**content, "checksum": content_digest(content)}, path)
 
     def _prune(self, newest: Path) -> None:
         """Remove old files, only now that the new file and its links are in place."""

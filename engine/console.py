@@ -8,6 +8,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -40,6 +41,18 @@ def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("model", "data"
     console.print(text, end="", soft_wrap=True)
 
 
+class ImagesPerSecond(ProgressColumn):
+    """Images per second of a task whose steps are batches of its `images_per_batch` field:
+    rich's own speed estimate (steps per second over the last 30 s) times that. Host numbers
+    only: showing it costs the loop no sync."""
+
+    def render(self, task) -> Text:
+        per_batch = task.fields.get("images_per_batch")
+        if not per_batch or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed * per_batch:,.0f} images/s")
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -48,6 +61,7 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        ImagesPerSecond(),
         TextColumn("{task.fields[metrics]}"),
         console=console,
         # each redraw holds the GIL for ~4 ms in a terminal: rich's default 10 per second cost

@@ -181,12 +181,17 @@ def train_one_epoch(
     `ema` (timm's ModelEmaV3) follows the weights after every update.
     """
     model.train()
-    task = progress.add_task("train", total=num_batches, completed=position.batches, metrics="")
+    # images per batch over all processes: the bar's images/s (engine/console.py)
+    per_batch = {"images_per_batch": (loader.batch_size or 0) * distributed.world_size()}
+    task = progress.add_task(
+        "train", total=num_batches, completed=position.batches, metrics="", **per_batch
+    )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     params = [p for p in model.parameters() if p.requires_grad]
     update_loss = torch.zeros((), device=device)  # over the batches of one update
     update_correct = torch.zeros((), device=device)
     update_batches = update_seen = 0
+    images_read = 0  # by this call (a resumed epoch's earlier batches not included): images/s
     optimizer.zero_grad(set_to_none=True)
     batches = islice(loader, num_batches - position.batches)
     for i, (images, targets) in enumerate(batches, start=position.batches):
@@ -208,6 +213,7 @@ def train_one_epoch(
         update_correct += (logits.detach().argmax(1) == hard_targets).sum()
         update_batches += 1
         update_seen += targets.shape[0]
+        images_read += targets.shape[0]  # a shape: known on the host, no sync
 
         if update:
             # the base LR this update uses (read before stepping): groups may carry an lr_scale
@@ -254,14 +260,15 @@ def train_one_epoch(
                 on_update(step, position, stop)
         progress.advance(task)
     progress.remove_task(task)
-    counts = [position.counted, position.seen, position.skipped_updates]
+    counts = [position.counted, position.seen, position.skipped_updates, images_read]
     counts = torch.tensor(counts, dtype=position.loss_sum.dtype, device=device)
     totals = distributed.sum_over_ranks(torch.stack([position.loss_sum, position.correct, *counts]))
-    loss_sum, correct, counted, seen, skipped = totals.tolist()  # over all processes' batches
+    loss_sum, correct, counted, seen, skipped, read = totals.tolist()  # over all processes
     metrics = {
         "loss": loss_sum / counted if counted else math.nan,
         "acc1": correct / seen * 100 if seen else math.nan,
         "skipped_updates": int(skipped / distributed.world_size()),  # the same on every process
+        "images": int(read),
     }
     return metrics, step
 
@@ -288,7 +295,12 @@ def evaluate(
     """
     model.eval()
     num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
-    task = progress.add_task("val", total=num_batches, metrics="") if progress else None
+    per_batch = (loader.batch_size or 0) * distributed.world_size()
+    task = (
+        progress.add_task("val", total=num_batches, metrics="", images_per_batch=per_batch)
+        if progress
+        else None
+    )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
@@ -316,7 +328,7 @@ def evaluate(
     totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
     loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
     acc1, acc5 = (correct / seen * 100).tolist()
-    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5}
+    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}
 
 
 def fit(
@@ -537,6 +549,7 @@ def fit(
             asked = (
                 (lambda: stopper.requested is not None) if distributed.world_size() == 1 else None
             )
+            t_val = time.perf_counter()
             while True:
                 try:
                     vals = {
@@ -559,11 +572,14 @@ def fit(
                     save(epoch, is_best=False, metrics=metrics, position=position)
                     # exits, unless an earlier handler lets it go on
                     stopper.after_checkpoint(stopper.requested)
+            val_s = time.perf_counter() - t_val
+            # images evaluated (the model's, and the EMA's too) over all processes
+            val_images = sum(v.pop("images") for v in vals.values())
             val = vals["model"]
             metrics = {
                 "epoch": epoch + 1,
                 # epoch means; train/loss alone is the per-update value logged every log_every
-                **{f"train/epoch_{k}": v for k, v in train.items() if k != "skipped_updates"},
+                **{f"train/epoch_{k}": train[k] for k in ("loss", "acc1")},
                 "train/skipped_updates": train["skipped_updates"],
                 # unreadable images replaced in this epoch (data.dataset.bad_images: skip)
                 "train/skipped_images": int(distributed.sum_over_ranks(bad_images).item()),
@@ -571,6 +587,10 @@ def fit(
                 **{f"val_ema/{k}": v for k, v in vals.get("ema", {}).items()},
                 "time/epoch_s": time.perf_counter() - t0,
                 "time/train_s": train_s,
+                "time/val_s": val_s,
+                # all processes' images over the wall-clock time (see README, "Throughput")
+                "time/train_images_per_s": train["images"] / train_s,
+                "time/val_images_per_s": val_images / val_s,
             }
             logger.log(metrics, step=step)
             # the better of model and EMA; a NaN accuracy never wins
@@ -586,7 +606,8 @@ def fit(
                 }
             save(epoch + 1, is_best=is_best, metrics=metrics)
             log.info(
-                "epoch %d/%d  train loss %.4f  val loss %.4f  acc1 %.2f  acc5 %.2f  (%.1fs)",
+                "epoch %d/%d  train loss %.4f  val loss %.4f  acc1 %.2f  acc5 %.2f  "
+                "(%.1fs; %.0f images/s train, %.0f images/s val)",
                 epoch + 1,
                 epochs,
                 train["loss"],
@@ -594,6 +615,8 @@ def fit(
                 val["acc1"],
                 val["acc5"],
                 metrics["time/epoch_s"],
+                metrics["time/train_images_per_s"],
+                metrics["time/val_images_per_s"],
             )
             progress.update(epoch_task, advance=1, metrics=f"val acc1 {val['acc1']:.2f}")
             # a signal that arrived after the epoch's last update: saved just now (the

@@ -10,6 +10,7 @@ predicts those 7 names.
 """
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch import nn
 from data.images import is_image_file, load_image
 from data.transforms import file_transform
 from engine import checkpoint
+
+log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "imgcls-safetensors/1"  # the "format" entry of an exported weights' .json
 
@@ -43,7 +46,11 @@ class Trained:
 
 
 def latest_run(root: str | Path = "outputs") -> Path:
-    """The newest run folder under `root` (outputs/<date>/<time>) with checkpoints/best.pt."""
+    """The newest run folder under `root` (outputs/<date>/<time>) with checkpoints/best.pt.
+
+    Newest by the folder's name, the time the run started. A run that failed before training
+    has no best.pt (and leaves no folder), so it is never the one taken.
+    """
     runs = sorted(p.parent.parent for p in Path(root).glob("*/*/checkpoints/best.pt"))
     if not runs:
         raise FileNotFoundError(
@@ -56,9 +63,20 @@ def latest_run(root: str | Path = "outputs") -> Path:
 def weights_file(ckpt: str | Path | None) -> Path:
     """The file to load for `ckpt`: a run folder's checkpoints/best.pt, or the file itself.
 
-    None: the newest run under outputs/.
+    None: the newest run under outputs/, named in a log line with what it was trained on,
+    since a wrong guess would otherwise show only as wrong labels.
     """
-    path = latest_run() if ckpt is None else Path(ckpt).expanduser()
+    if ckpt is None:
+        path = latest_run()
+        log.info(
+            "no checkpoint given: using %s, the newest run under outputs/ with "
+            "checkpoints/best.pt (%s); name another with task.ckpt=<run folder> (run=... in "
+            "analysis tools)",
+            path,
+            describe_run(path),
+        )
+    else:
+        path = Path(ckpt).expanduser()
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         if not best.is_file():
@@ -73,6 +91,51 @@ def weights_file(ckpt: str | Path | None) -> Path:
             "a checkpoint file (.pt) or an exported .safetensors file"
         )
     return path
+
+
+def data_name(data: dict) -> str:
+    """A data config in a few words: its builder's name, and the folder of a folder dataset."""
+    dataset = data.get("dataset") or {}
+    name = str(dataset.get("_target_", "?")).rsplit(".", 1)[-1]
+    root = dataset.get("root")
+    return f"{name} in {root}" if root and name in FOLDER_DATASETS else name
+
+
+FOLDER_DATASETS = ("imagefolder", "imagenet", "annfile")  # where the folder says what the data is
+
+
+def describe_run(run_dir: Path) -> str:
+    """ "resnet18 on digits, 6/6 epochs, best val/acc1 97.50", from the run's config.yaml and
+    metrics.jsonl (plain YAML and JSON: reading them runs nothing)."""
+    import yaml
+
+    words = []
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        words.append(f"{config['model']['name']} on {data_name(config['data'])}")
+        epochs = config["trainer"]["epochs"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "no readable config.yaml"
+    records = _records(run_dir / "metrics.jsonl")
+    done = max((r["epoch"] for r in records if "epoch" in r), default=0)
+    words.append(f"{done}/{epochs} epochs")
+    best = next((r["summary"] for r in reversed(records) if "summary" in r), {})
+    if isinstance(best.get("best/val/acc1"), int | float):
+        words.append(f"best val/acc1 {best['best/val/acc1']:.2f}")
+    return ", ".join(words)
+
+
+def _records(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def load_trained(ckpt: str | Path | None = None, use_ema: bool = False) -> Trained:

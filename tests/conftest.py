@@ -24,10 +24,13 @@ def tiny_run(tmp_path_factory) -> Path:
     """The folder of a real 2-epoch run on 8x8 digits (with EMA weights), made once per session.
 
     For tools that read a finished run (eval, predict, export, serve, analysis). Treat it as
-    read-only: write anything else into the test's own tmp_path.
+    read-only: write anything else into the test's own tmp_path. Its checkpoints are the
+    smallest a run can keep (last.pt, and a best.pt without optimizer state): every tool that
+    reads this run shows that they work with them.
     """
     cwd = tmp_path_factory.mktemp("tiny_run")
-    run_py(*TINY, "trainer.epochs=2", "trainer.ema_decay=0.9", "logger=none", cwd=cwd)
+    small = ["checkpoint.keep_last=0", "checkpoint.best_weights_only=true"]
+    run_py(*TINY, "trainer.epochs=2", "trainer.ema_decay=0.9", "logger=none", *small, cwd=cwd)
     (run_dir,) = (cwd / "outputs").glob("*/*")
     return run_dir
 

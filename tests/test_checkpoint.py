@@ -177,3 +177,51 @@ def test_load_of_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         checkpoint.load(tmp_path / "nothing.pt")
     assert str(tmp_path / "nothing.pt") in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk use: checkpoint.keep_last=0 and checkpoint.best_weights_only (issue 17)
+
+
+def _adam_state(epoch: int) -> dict:
+    """_state with an AdamW state the size real ones have: two moments per weight."""
+    state = _state(epoch)
+    params = list(nn.Linear(300, 200).parameters())
+    optimizer = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    state["optimizer"] = optimizer.state_dict()
+    state["model"] = {f"p{i}": torch.full_like(p, epoch) for i, p in enumerate(params)}
+    state["rng"] = {"torch": torch.get_rng_state()}
+    return state
+
+
+def test_weights_only_best_beside_a_full_last_and_nothing_else(tmp_path):
+    saver = CheckpointSaver(tmp_path, keep_last=0, best_weights_only=True, metadata=METADATA)
+    best = -1.0
+    for epoch in range(1, 6):
+        is_best = ACC1[epoch] > best
+        best = max(best, ACC1[epoch])
+        state = _adam_state(epoch)
+        state["metrics"] = {"val/acc1": ACC1[epoch]}
+        saver.save(state, epoch=epoch, is_best=is_best)
+
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    last, best_ckpt = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(saver.best)
+    assert last["epoch"] == 5 and {"optimizer", "rng"} <= last.keys()
+    # what eval / predict / export / serve read is there; what only resuming needs is not
+    assert best_ckpt["epoch"] == 2 and best_ckpt["metrics"]["val/acc1"] == 40.0
+    assert best_ckpt["class_names"] == METADATA["class_names"]
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & best_ckpt.keys()
+    assert torch.equal(best_ckpt["model"]["p0"], torch.full((200, 300), 2.0))
+    # AdamW's two moments per weight: the weights-only file is about a third of the full one
+    ratio = (tmp_path / "best.pt").stat().st_size / (tmp_path / "last.pt").stat().st_size
+    assert 0.25 < ratio < 0.45, ratio
+    assert checkpoint.find_latest(tmp_path) == tmp_path / "last.pt"  # what resume=auto takes
+
+
+def test_checkpoint_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"checkpoint\.best_weights_only='yes' must be true or"):
+        CheckpointSaver(tmp_path, best_weights_only="yes")
+    with pytest.raises(ValueError, match=r"checkpoint\.keep_last=-1 must be an integer, 0 or"):
+        CheckpointSaver(tmp_path, keep_last=-1)

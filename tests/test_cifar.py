@@ -261,3 +261,70 @@ def test_run_py_trains_convnext_base_on_cifar10(fake_cifar, tmp_path):
     assert ckpt["class_names"] == LABEL_NAMES
     assert ckpt["config"]["model"]["name"] == "convnext_base"
     assert ckpt["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A file that is there but wrong is named, with what is wrong with it (issue 17)
+
+
+def _copy_of(data: FakeCifar, tmp_path: Path) -> Path:
+    """A root with a writable copy of the stand-in's extracted folder."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(data.extracted, root)
+    return root
+
+
+def test_a_file_that_fails_the_md5_check_is_named_not_called_missing(cifar_sums, tmp_path):
+    root = _copy_of(cifar_sums, tmp_path)
+    folder = root / CIFAR10.base_folder
+    whole = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    (folder / "batches.meta").unlink()
+
+    with pytest.raises(ValueError) as info:
+        cifar10(root=str(root), download=False)
+    message = str(info.value)
+    assert "fail torchvision's MD5 check" in message and "is not in" not in message
+    got = _md5(folder / "data_batch_3")
+    expected = cifar_sums.md5["data_batch_3"]
+    assert f"data_batch_3 ({len(whole) // 2:,} bytes) has MD5 {got}, not {expected}" in message
+    assert "batches.meta is missing" in message
+    assert "data_batch_1" not in message  # the good files are not blamed
+    assert "data.dataset.download=true" in message  # what to do about it
+
+
+def test_a_malformed_batch_that_passes_the_md5_check_says_what_is_wrong(
+    cifar_sums, monkeypatch, tmp_path
+):
+    root = _copy_of(cifar_sums, tmp_path)
+    folder = root / CIFAR10.base_folder
+    batch = pickle.loads((folder / "data_batch_2").read_bytes(), encoding="latin1")
+    del batch["data"]
+    _pickle({**batch, "pixels": np.zeros((PER_BATCH, 3072), np.uint8)}, folder / "data_batch_2")
+    # the sums are the files' own, as when someone updated them by hand
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, _md5(folder / n)] for n in TRAIN_FILES])
+
+    with pytest.raises(ValueError) as info:
+        cifar10(root=str(root), download=False)
+    message = str(info.value)
+    assert "data_batch_2 has no 'data' and 'labels'" in message
+    assert "'pixels'" in message  # the keys it does have
+    assert "data_batch_1" not in message
+
+
+def test_looking_into_an_unreadable_batch_never_runs_code_from_it(cifar_sums, tmp_path):
+    from data.cifar import malformed_files
+
+    root = _copy_of(cifar_sums, tmp_path)
+    folder = root / CIFAR10.base_folder
+    marker = tmp_path / "ran"
+    # a pickle that calls os.system: torchvision only unpickles files whose MD5 is the real one
+    (folder / "data_batch_4").write_bytes(b"cos\nsystem\n(S'touch %s'\ntR." % bytes(marker))
+
+    problems = malformed_files(CIFAR10, folder)
+    assert problems == [
+        "data_batch_4 is not a pickled batch (it pickles os.system, not only arrays)"
+    ]
+    assert not marker.exists()

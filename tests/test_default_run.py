@@ -11,6 +11,7 @@ from tests.helpers import (
     epoch_records,
     read_jsonl,
     records_of,
+    run_py,
     summary,
     wandb_config,
     wandb_history,

@@ -162,3 +162,93 @@ def test_predict_writes_json_and_refuses_bad_outputs(tiny_run, tmp_path):
         write_predictions(files, results, tmp_path / "p.txt")
     with pytest.raises(TypeError, match="cannot classify a int"):
         classifier(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which run a task uses when none is named, and what it was trained on (issue 17)
+
+
+def test_no_checkpoint_given_names_the_newest_run_and_what_it_was_trained_on(
+    tiny_run, run_task, tmp_path, monkeypatch, caplog
+):
+    from sklearn.datasets import load_digits
+
+    outputs = tmp_path / "cwd" / "outputs"
+    (outputs / "2026-01-01").mkdir(parents=True)
+    (outputs / "2026-01-01" / "10-00-00-000000").symlink_to(tiny_run)
+    # newer folders without a best checkpoint: an eval job, and a run that failed before training
+    (outputs / "2026-01-02" / "09-00-00-000000").mkdir(parents=True)
+    (outputs / "2026-01-02" / "09-00-00-000000" / "metrics.jsonl").write_text('{"summary": {}}\n')
+    (outputs / "2026-01-02" / "10-00-00-000000" / "checkpoints").mkdir(parents=True)
+    image = tmp_path / "seven.png"
+    Image.fromarray((load_digits().images[7] * 255 / 16).astype(np.uint8)).save(image)
+    monkeypatch.chdir(tmp_path / "cwd")
+    caplog.set_level("INFO")
+    run_task("task=predict", f"task.inputs={image}", f"task.out={tmp_path / 'p.json'}")
+
+    assert json.loads((tmp_path / "p.json").read_text())[0]["path"] == str(image)
+    chosen = [r.getMessage() for r in caplog.records if "no checkpoint given" in r.getMessage()]
+    assert len(chosen) == 1, caplog.text
+    assert "outputs/2026-01-01/10-00-00-000000," in chosen[0]  # whole, copyable
+    assert "the newest run under outputs/ with checkpoints/best.pt" in chosen[0]
+    assert "resnet18 on digits, 2/2 epochs, best val/acc1 " in chosen[0]
+    assert "task.ckpt=<run folder>" in chosen[0]
+
+
+def _messages(caplog, level: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == level]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "level", "expected"),
+    [
+        # the composed default (data=digits) is nobody's choice: the model's own data is used
+        ([], "INFO", "data: cifar10, the data config saved with the model, not data=digits"),
+        (["data=digits"], "WARNING", "data=digits: using digits, not cifar10 that the model"),
+        (["data=cifar10"], None, None),  # what it was trained on: nothing to say
+    ],
+)
+def test_eval_says_which_data_it_uses_when_it_is_not_the_models(
+    tiny_run, overrides, level, expected, caplog
+):
+    from hydra.core.hydra_config import HydraConfig
+
+    from engine.build import config_for_trained
+    from tests.helpers import composed
+
+    saved = load_trained(tiny_run).config
+    saved["data"] = dict(composed("data=cifar10").data, dataset={"_target_": "data.cifar.cifar10"})
+    cfg = composed("task=eval", *overrides, hydra=True)
+    cfg.hydra.runtime.output_dir = "unused"
+    HydraConfig.instance().set_config(cfg)
+    caplog.set_level("INFO")
+    try:
+        run_cfg, _ = config_for_trained(cfg, saved)
+    finally:
+        HydraConfig.instance().cfg = None
+
+    said = _messages(caplog, "INFO") + _messages(caplog, "WARNING")
+    if expected is None:
+        assert not [m for m in said if m.startswith("data")], said
+    else:
+        assert [m for m in _messages(caplog, level) if expected in m], said
+    chosen = "digits" if overrides == ["data=digits"] else "cifar10"
+    assert run_cfg.data.dataset._target_.endswith(chosen)
+
+
+def test_smallest_checkpoints_and_throughput_records(tiny_run):
+    # conftest's tiny_run keeps last.pt and a weights-only best.pt; the tools above read its best
+    folder = tiny_run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]
+    last = torch.load(folder / "last.pt", weights_only=True, map_location="cpu")
+    best = torch.load(folder / "best.pt", weights_only=True, map_location="cpu")
+    assert "optimizer" in last and "optimizer" not in best and "ema" in best
+    # weights and EMA weights; last.pt adds AdamW's two moments per weight: about half
+    assert (folder / "best.pt").stat().st_size < 0.55 * (folder / "last.pt").stat().st_size
+
+    # images/s of training (4 batches of 64) and of evaluation (360 images, model and EMA)
+    for record in epoch_records(tiny_run):
+        train, val = record["time/train_images_per_s"], record["time/val_images_per_s"]
+        assert train == pytest.approx(4 * 64 / record["time/train_s"])
+        assert val == pytest.approx(2 * 360 / record["time/val_s"])
+        assert record["time/val_s"] + record["time/train_s"] <= record["time/epoch_s"]

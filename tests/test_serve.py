@@ -9,10 +9,12 @@ import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +319,32 @@ def test_bad_settings_fail_before_serving(classifier):
         make_server(classifier, port=0, max_bytes=0)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG file that says width x height RGB in its header, with a few bytes of pixel data:
+    cheap to make and send, and only decodable as far as its header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    pixels = zlib.compress(b"\0" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_over_max_pixels_is_refused_from_its_header(server):
+    # the issue's 12000 x 12000: decoded it takes 432 MB; its pixel data here is 64 bytes, so a
+    # server that tried to decode it would answer 415 (not an image PIL can read), not 413
+    status, reply, _ = http_request(server.port, "POST", "/predict", png_header(12000, 12000))
+    assert status == 413
+    assert "12000 x 12000 = 144,000,000 pixels" in reply["error"]
+    assert "task.max_pixels=64000000" in reply["error"]
+    assert http_request(server.port, "GET", "/health")[0] == 200
+
+
 def test_sigterm_stops_the_server_cleanly(server):
     """Last: it stops the module's server."""
     server.proc.send_signal(signal.SIGTERM)
@@ -325,3 +353,43 @@ def test_sigterm_stops_the_server_cleanly(server):
     assert "stopped serving" in "".join(server.output)
     with pytest.raises(ConnectionRefusedError):
         http_request(server.port, "GET", "/health")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded decoding (issue 14): in-process servers whose decode slots the test holds
+
+
+def test_a_request_that_finds_every_decode_slot_taken_gets_503_then_its_answer(
+    classifier, digits, expected
+):
+    server = make_server(classifier, port=0, max_decodes=1, decode_wait_s=0.2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    image = digits[3].read_bytes()
+    try:
+        server.decodes.acquire()  # as a large image being decoded would hold it
+        try:
+            status, reply, headers = http_request(port, "POST", "/predict", image)
+        finally:
+            server.decodes.release()
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "(task.max_decodes=1) and none finished within 0.2 s" in reply["error"]
+        # a header-only refusal needs no slot: it is not kept waiting behind the decodes
+        server.decodes.acquire()
+        try:
+            status, _, _ = http_request(port, "POST", "/predict", png_header(9000, 9000))
+        finally:
+            server.decodes.release()
+        assert status == 413
+        status, reply, _ = http_request(port, "POST", "/predict", image)  # the slot is free again
+        assert status == 200
+        assert_same(reply, expected[3])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_decode_limits_fail_before_serving(classifier):
+    for key, value in (("max_pixels", 0), ("max_decodes", 1.5), ("decode_wait_s", -1)):
+        with pytest.raises(ValueError, match=rf"task\.{key}={value!r} must be"):
+            make_server(classifier, port=0, **{key: value})
