@@ -115,8 +115,8 @@ def predict(cfg: DictConfig) -> None:
     from engine.loop import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
 
+    distributed.require_one_process("predict")  # how it was launched, before what it was given
     check_config(cfg)
-    distributed.require_one_process("predict")
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
@@ -134,8 +134,8 @@ def export(cfg: DictConfig) -> None:
     from engine.export import export as export_model
     from engine.predict import load_trained
 
+    distributed.require_one_process("export")  # how it was launched, before what it was given
     check_config(cfg)
-    distributed.require_one_process("export")
     task = cfg.task
     trained = load_trained(task.ckpt, use_ema=task.use_ema)
     run_cfg, _ = build.config_for_trained(cfg, trained.config)
@@ -153,8 +153,8 @@ def serve(cfg: DictConfig) -> None:
     from engine.predict import Classifier
     from engine.serve import serve as serve_http
 
+    distributed.require_one_process("serve")  # how it was launched, before what it was given
     check_config(cfg)
-    distributed.require_one_process("serve")
     task = cfg.task
     classifier = Classifier.load(
         task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
