@@ -507,9 +507,10 @@ def upgrade_legacy_keys(cfg: DictConfig) -> list[str]:
     A config composed from conf/ keeps the old names in conf/trainer/default.yaml as aliases of
     the new keys, so `python run.py trainer.label_smoothing=0.1` still works: the value typed
     replaces the alias and is moved here. A config saved by an older run (in a checkpoint or a
-    run folder) has them as plain values, and no `loss` or `mixup` node: those start from the
-    defaults it was trained with (conf/loss/ce.yaml, the mixup block of conf/config.yaml). The
-    old keys are removed either way, so `cfg.trainer` holds engine.loop.fit's arguments alone.
+    run folder) has them as plain values, and no `loss` or `mixup` node: a training config
+    without them gets the defaults it was trained with (conf/loss/ce.yaml, the mixup block of
+    conf/config.yaml), then its old values. The old keys are removed either way, so
+    `cfg.trainer` holds engine.loop.fit's arguments alone. Calling it again changes nothing.
     """
     messages = []
     trainer = cfg.get("trainer")
@@ -517,13 +518,13 @@ def upgrade_legacy_keys(cfg: DictConfig) -> list[str]:
         return messages
     present = [old for old in LEGACY_KEYS if old.split(".")[1] in trainer]
     with open_dict(cfg):
+        for node in ("loss", "mixup"):
+            if cfg.get(node) is None:  # saved before the node existed: what that run trained with
+                cfg[node] = _defaults(node)
         for old in present:
             new = LEGACY_KEYS[old]
             value = legacy_value(cfg, old)
             if value is not None:
-                node = new.split(".")[0]
-                if cfg.get(node) is None:
-                    cfg[node] = _defaults(node)
                 OmegaConf.update(cfg, new, value, merge=False)
                 messages.append(f"{old}={value} is now {new}; using it")
             del trainer[old.split(".")[1]]

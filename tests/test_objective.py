@@ -180,6 +180,7 @@ def test_a_config_saved_before_the_move_gets_the_defaults_and_its_own_values(spl
     assert "trainer.cutmix_alpha=1.0 is now mixup.cutmix_alpha; using it" in messages
     assert cfg.loss == {**OmegaConf.load(CONF / "loss" / "ce.yaml"), "label_smoothing": 0.1}
     assert cfg.mixup.cutmix_alpha == 1.0 and cfg.mixup.mode == "batch"
+    assert upgrade_legacy_keys(cfg) == []  # once is enough
     check_config(cfg)
     assert (
         "trains as soft_ce"
