@@ -8,8 +8,8 @@ into an exception, a bug in the writer) the temporary file is removed and `path`
 A process killed outright leaves a hidden `.<name>.<hex>.tmp`, which
 engine.checkpoint.remove_temporary_files clears at the next start.
 
-New files get 0666 less the umask, as open() gives (not mkstemp's 0600, which would hide run
-files from a group sharing a results folder).
+The file gets 0666 less the umask, as open() gives, whatever the writer did (mkstemp's and
+some libraries' 0600 would hide run files from a group sharing a results folder).
 """
 
 import contextlib
@@ -27,6 +27,17 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_mode() -> int:
+    """The permissions open() gives a new file: 0666 less the process umask."""
+    try:  # Linux: read it; setting it to read it back races other threads' new files
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_file(path: Path) -> None:
@@ -64,6 +75,7 @@ def replacing(path: str | Path, create: bool = True, sync_dir: bool = True) -> I
     tmp = _temporary_name(path, create)
     try:
         yield tmp
+        os.chmod(tmp, file_mode())
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -22,7 +22,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for column in rows[0] if rows else ["trial"]:
         table.add_column(column)
     here = Path.cwd()
@@ -36,7 +36,10 @@ def print_table(title: str, rows: list[dict]) -> None:
         table.add_row(*cells)
     console = Console()
     # a log file or a pipe gets the whole table rather than 80 columns of wrapped cells
-    (console if console.is_terminal else Console(width=240)).print(table)
+    console = console if console.is_terminal else Console(width=240)
+    # the title on a line of its own: above a narrow table, rich would wrap it to the table
+    console.print(title, soft_wrap=True, markup=False, highlight=False)
+    console.print(table)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

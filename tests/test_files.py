@@ -68,11 +68,16 @@ def test_written_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
         files.atomic_write_text(tmp_path / "written", "x")
+        # a writer that makes a private file itself (as safetensors' save_file does)
+        with files.replacing(tmp_path / "private", create=False) as tmp:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
         (tmp_path / "opened").write_text("x")
     finally:
         os.umask(previous)
-    mode = (tmp_path / "written").stat().st_mode & 0o777
-    assert mode == (tmp_path / "opened").stat().st_mode & 0o777 == 0o666 & ~umask
+    expected = (tmp_path / "opened").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("written", "private"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
 def test_replacing_swaps_in_what_a_writer_made_under_the_free_name(tmp_path):
