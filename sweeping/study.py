@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from engine import files
 from sweeping.config import SweepError, make_pruner, make_sampler
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -19,9 +20,21 @@ def storage_url(cfg: DictConfig) -> str:
     return cfg.storage or f"sqlite:///{Path(cfg.dir).resolve() / 'study.db'}"
 
 
+def _new_sqlite_file(path: Path) -> None:
+    """Make study.db's tables under a temporary name: the file appears complete, so a reader
+    that opens it as it appears (sweep.report_only=true) does not race Optuna's schema set-up
+    (two processes stamping the schema version: sqlite3.IntegrityError)."""
+    if path.exists():
+        return
+    with files.replacing(path, create=False) as tmp:
+        RDBStorage(f"sqlite:///{tmp}").engine.dispose()
+
+
 def open_study(cfg: DictConfig, create: bool = True) -> optuna.Study:
     url = storage_url(cfg)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    if cfg.storage is None and create:
+        _new_sqlite_file(Path(cfg.dir).resolve() / "study.db")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if cfg.storage is None or not create:
