@@ -21,10 +21,11 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 from pathlib import Path
 
 import torch
+
+from engine import files
 
 log = logging.getLogger(__name__)
 
@@ -32,61 +33,29 @@ CHECKPOINT_FILE = re.compile(r"epoch_(\d+)(?:_batch_(\d+))?\.pt")
 FORMAT_VERSION = 2  # 2: a content checksum, mid-epoch files
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create_temporary(path: Path) -> tuple[int, str]:
-    """A new file beside `path` under a hidden temporary name: (descriptor, name).
-
-    Its mode is 0666 less the process umask, as for every other file a run writes (mkstemp's
-    0600 would keep a shared group's members from reading the checkpoints).
-    """
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
-        except FileExistsError:
-            continue  # another writer's name: draw again
-
-
 def atomic_save(obj, path: Path) -> None:
     """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+        files.atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
             # torch.save turns a failed write (disk full, quota, file size limit) into an
             # opaque RuntimeError ("unexpected pos ..."); raise the OSError it swallowed
             cause = err.__context__
             raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
-    _fsync_dir(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src`, replacing `dst` in one rename."""
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links: copy instead
-        import shutil
+    with files.replacing(dst, create=False, sync_dir=False) as tmp:  # the saver syncs the folder
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links: copy instead
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
 
 
 def content_digest(obj) -> str:
@@ -309,7 +278,7 @@ class CheckpointSaver:
             self._write(weights, self.best)
         elif is_best:
             _atomic_link(path, self.best)
-        _fsync_dir(self.folder)
+        files.fsync_dir(self.folder)
         self._prune(path)
         return path
 

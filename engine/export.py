@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine import files
+from engine.files import atomic_write_text
 from engine.predict import SIDECAR_FORMAT, Trained
-from engine.runinfo import atomic_write_text, file_mode
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def export_onnx(
             )
         # weights beside the graph (large models) first, the graph last
         for file in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
-            os.replace(file, path.parent / file.name)
+            with files.replacing(path.parent / file.name, create=False) as tmp:
+                os.replace(file, tmp)
         if size <= ONE_FILE_MAX_BYTES:  # a larger model's weights from an earlier export
             path.with_name(f"{path.name}.data").unlink(missing_ok=True)
     finally:
@@ -264,14 +266,8 @@ def export_safetensors(model: nn.Module, path: str | Path, meta: dict) -> list[P
             tensor = tensor.clone()
         storages.add(storage)
         state[key] = tensor
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with files.replacing(path) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     sidecar_path = path.with_suffix(".json")  # where engine.predict.load_trained looks
     atomic_write_text(sidecar_path, json.dumps(meta, indent=2) + "\n")
     return [path, sidecar_path]

@@ -3,9 +3,9 @@
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from engine.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         record = json.loads(line)
         if "summary" not in record and record["step"] <= step:
             kept.append(line)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     log.info("metrics.jsonl: kept %d records up to step %d", len(kept), step)
 
 

@@ -1,35 +1,19 @@
 """What makes a run folder describe itself: resolved config, git state, package versions."""
 
 import json
-import os
 import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
+from engine.files import atomic_write_text
+
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
-
-
-def file_mode() -> int:
-    """The permissions open() gives a new file. mkstemp's files are private (0600), which
-    would hide run files from a group sharing a results folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 CHANGES_KEPT = 20  # paths listed in run_info.json's git.changes; the count says how many more

@@ -216,7 +216,7 @@ def test_stop_signal_saves_mid_epoch_and_the_resumed_run_ends_as_an_uninterrupte
 
 def test_metrics_jsonl_is_strict_json_and_every_reader_takes_its_nan_and_older_bare_nan(tmp_path):
     from analysis.curves import read_jsonl_run
-    from sweep import _JsonlTail
+    from sweeping.trials import _JsonlTail
 
     new, old = tmp_path / "new", tmp_path / "old"
     with RunLogger(new, config={}) as logger:

@@ -376,7 +376,7 @@ def test_a_hostile_config_on_the_command_line_is_refused_before_anything(
     ],
 )
 def test_a_sweep_refuses_a_hostile_target_before_its_first_trial(args, tmp_path, monkeypatch):
-    import sweep
+    from sweeping import config as sweep
 
     monkeypatch.chdir(tmp_path)
     cfg, _ = sweep.load_config(args)

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-import sweep
+from sweeping import config as sweep_config
+from sweeping.study import FINISHED, counts
 from tests.helpers import (
     REPO,
     TINY,
@@ -59,21 +60,23 @@ def load_study(sweep_dir: Path) -> optuna.Study:
 
 
 def states(study: optuna.Study) -> dict[str, int]:
-    return sweep.counts(study)
+    return counts(study)
 
 
 # ---------------------------------------------------------------------------------------------
 # configuration: every sweeps/ option, and the errors
 
 
-@pytest.mark.parametrize("name", sweep.sweep_options())
+@pytest.mark.parametrize("name", sweep_config.sweep_options())
 def test_every_sweep_option_composes_with_run_config(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, continuing = sweep.load_config([f"sweep={name}"])
+    cfg, continuing = sweep_config.load_config([f"sweep={name}"])
     assert not continuing
     assert cfg.name == name
     assert not OmegaConf.missing_keys(cfg)  # sweeps/default.yaml gives every key a value
-    sweep.check_run_config(cfg)  # every space key and choice is a run.py override that composes
+    sweep_config.check_run_config(
+        cfg
+    )  # every space key and choice is a run.py override that composes
 
 
 @pytest.mark.parametrize(
@@ -107,8 +110,8 @@ def test_every_sweep_option_composes_with_run_config(name, tmp_path, monkeypatch
 )
 def test_bad_settings_name_the_value_and_the_fix(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(sweep.SweepError) as err:
-        sweep.load_config(args)
+    with pytest.raises(sweep_config.SweepError) as err:
+        sweep_config.load_config(args)
     assert message in str(err.value)
 
 
@@ -130,9 +133,9 @@ def test_space_keys_and_overrides_run_py_cannot_take_stop_the_sweep_before_a_tri
     args, message, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    cfg, _ = sweep.load_config(args)
-    with pytest.raises(sweep.SweepError) as err:
-        sweep.check_run_config(cfg)
+    cfg, _ = sweep_config.load_config(args)
+    with pytest.raises(sweep_config.SweepError) as err:
+        sweep_config.check_run_config(cfg)
     assert message in str(err.value)
     assert "run.py cannot take it" in str(err.value)
 
@@ -147,11 +150,13 @@ def test_command_line_error_exits_2_with_the_message_and_starts_nothing(tmp_path
 
 def test_a_continued_sweep_keeps_its_search(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, _ = sweep.load_config(["sweep.dir=s", "trainer.epochs=2"])
+    cfg, _ = sweep_config.load_config(["sweep.dir=s", "trainer.epochs=2"])
     Path("s").mkdir()
     (Path("s") / "sweep.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-    again, continuing = sweep.load_config(["sweep.dir=s", "trainer.epochs=2", "sweep.n_trials=50"])
+    again, continuing = sweep_config.load_config(
+        ["sweep.dir=s", "trainer.epochs=2", "sweep.n_trials=50"]
+    )
     assert continuing and again.n_trials == 50 and list(again.overrides) == ["trainer.epochs=2"]
     for args, message in [
         (
@@ -161,11 +166,11 @@ def test_a_continued_sweep_keeps_its_search(tmp_path, monkeypatch):
         (["sweep.dir=s", "trainer.epochs=3"], "sweep.overrides="),
         (["sweep.dir=s", "sweep=model_lr"], "is a 'default' sweep"),
     ]:
-        with pytest.raises(sweep.SweepError) as err:
-            sweep.load_config(args)
+        with pytest.raises(sweep_config.SweepError) as err:
+            sweep_config.load_config(args)
         assert message in str(err.value)
-    with pytest.raises(sweep.SweepError, match="needs an existing sweep"):
-        sweep.load_config(["sweep.dir=elsewhere", "sweep.report_only=true"])
+    with pytest.raises(sweep_config.SweepError, match="needs an existing sweep"):
+        sweep_config.load_config(["sweep.dir=elsewhere", "sweep.report_only=true"])
 
 
 def test_values_reach_run_py_as_hydra_reads_them():
@@ -173,7 +178,7 @@ def test_values_reach_run_py_as_hydra_reads_them():
 
     parser = OverridesParser.create()
     for value in ["resnet18", "1e-3", "it's", "a,b", "/tmp/x y/trial_0001", 1e-05, 3, True, None]:
-        assert parser.parse_override(f"k={sweep.hydra_value(value)}").value() == value
+        assert parser.parse_override(f"k={sweep_config.hydra_value(value)}").value() == value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +347,7 @@ def test_a_killed_sweep_continues_without_losing_or_repeating_a_trial_and_prunes
     before = load_study(sweep_dir).trials  # as the kill left them
     left_running = [t.number for t in before if t.state == TrialState.RUNNING]
     assert left_running, "the kill came after the sweep finished"
-    finished_before = sum(t.state in sweep.FINISHED for t in before)
+    finished_before = sum(t.state in FINISHED for t in before)
 
     second = sweep_py(*args[:1], cwd=tmp_path)  # sweep.dir alone: the saved settings
     t_total = time.perf_counter() - t0
