@@ -38,8 +38,6 @@ import difflib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
-
 import numpy as np
 import torch
 from torch import nn

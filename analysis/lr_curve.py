@@ -14,10 +14,7 @@ way trainer.limit_train_batches and trainer.accum_steps apply.
 """
 
 import csv
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
 
 import hydra
 from omegaconf import DictConfig
