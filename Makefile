@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .  # engine, models, data, analysis importable anywhere
 	touch $(STAMP)
 
 venv: $(STAMP)

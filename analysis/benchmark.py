@@ -72,8 +72,6 @@ from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
-
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict

@@ -18,11 +18,8 @@ to `+out` (outputs/analysis/samples_<split>.png, git-ignored; the suffix picks t
 
 import math
 import random
-import sys
 import textwrap
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
 
 import hydra
 import numpy as np

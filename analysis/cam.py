@@ -6,7 +6,7 @@ python analysis/cam.py run=model.safetensors images=photos/ layer=layer3
 python analysis/cam.py grid=true index=5                 # one image, all six methods side by side
 python analysis/cam.py list_layers=true                  # module names (and shapes) for layer=...
 
-Options (key=value):
+Options (key=value, in run.py's override syntax: `layer=null`, quotes around a value with a comma):
   run          run folder, checkpoint (.pt) or exported .safetensors; default the newest
                outputs/<date>/<time> with checkpoints/best.pt. use_ema=true: its EMA weights.
   method       gradcam (default) | gradcam++ | xgradcam | eigencam | eigengradcam | layercam
@@ -36,9 +36,8 @@ validation image, and the class the map explains. The written paths are printed.
 
 import difflib
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
 
 import numpy as np
 import torch
@@ -466,46 +465,52 @@ def print_layers(run=None, use_ema: bool = False) -> None:
         print(f"{name:<{width}}  {module:<{kind}}  {shape}{mark}")
 
 
-OPTIONS = {
-    "run": str,
-    "method": str,
-    "n": int,
-    "index": int,
-    "images": str,
-    "layer": str,
-    "target": str,
-    "aug_smooth": bool,
-    "eigen_smooth": bool,
-    "grid": bool,
-    "out": str,
-    "use_ema": bool,
-    "list_layers": bool,
-}
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+@dataclass
+class CamOptions:
+    """The command line's options: cam_run's keyword arguments, plus list_layers."""
+
+    run: str | None = None
+    method: str = "gradcam"
+    n: int | None = None
+    index: int = 0
+    images: str | None = None
+    layer: str | None = None
+    target: str | None = None  # a name, or an index as text: cam_run matches names first
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    grid: bool = False
+    out: str | None = None
+    use_ema: bool = False
+    list_layers: bool = False
 
 
 def parse(args: list[str]) -> dict:
-    """key=value arguments as cam_run's keyword arguments (plus list_layers)."""
-    kwargs = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            close = difflib.get_close_matches(key, list(OPTIONS), n=1)
+    """`key=value` arguments in run.py's override syntax (Hydra's grammar: quoting, null),
+    composed onto CamOptions, as cam_run's keyword arguments (plus list_layers)."""
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    options = {f.name: f.type for f in fields(CamOptions)}
+    for arg in args:  # before Hydra, whose own message suggests `+key=` for a mistyped key
+        key, sep, _ = arg.partition("=")
+        if not sep or key not in options:
+            close = difflib.get_close_matches(key, list(options), n=1)
             hint = f"did you mean {close[0]}=...? " if close and sep else ""
-            raise ValueError(f"{arg!r}: {hint}expected key=value with key one of {list(OPTIONS)}")
-        kind = OPTIONS[key]
-        if kind is bool:
-            if value.lower() not in TRUE + FALSE:
-                raise ValueError(f"{arg!r}: {key} is true or false")
-            kwargs[key] = value.lower() in TRUE
-        elif kind is int:
-            try:
-                kwargs[key] = int(value)
-            except ValueError:
-                raise ValueError(f"{arg!r}: {key} is a whole number") from None
-        else:
-            kwargs[key] = value
-    return kwargs
+            raise ValueError(f"{arg!r}: {hint}expected key=value with key one of {list(options)}")
+    ConfigStore.instance().store(name="cam", node=CamOptions)
+    try:
+        with initialize(version_base="1.3", config_path=None):
+            cfg = compose("cam", overrides=args)
+    except ConfigCompositionException as err:
+        arg = next((a for a in args if f"override {a}" in str(err)), None)
+        if arg is None:  # not one value's type: Hydra's own message (e.g. run=a,b is a sweep)
+            raise ValueError(str(err)) from None
+        key = arg.partition("=")[0]
+        kind = {bool: "true or false", int | None: "a whole number", int: "a whole number"}
+        raise ValueError(f"{arg!r}: {key} is {kind.get(options[key], 'text')}") from None
+    return OmegaConf.to_container(cfg)
 
 
 def main(args: list[str]) -> int:

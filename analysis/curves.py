@@ -20,9 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import yaml
 
 from engine.logger import read_metrics

@@ -11,11 +11,6 @@ FLOPs. Input shape: `+shape=[C,H,W]`, else timm's pretrained input size for the 
 (`model.img_size` respected); classes: `+num_classes` (1000). No dataset is loaded.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
-
 import hydra
 import torch
 from omegaconf import DictConfig

@@ -14,10 +14,7 @@ way trainer.limit_train_batches and trainer.accum_steps apply.
 """
 
 import csv
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
 
 import hydra
 from omegaconf import DictConfig
@@ -32,13 +29,12 @@ def lr_curve(cfg: DictConfig, train_size: int | None = None) -> dict:
 
     Returns {step, lr, momentum: lists (step s is update s, 1-based, the step at which the
     engine logs the LR that update used), updates_per_epoch, warmup (updates), title}.
-    lr is the base LR (group 0 divided by its lr_scale), read before the scheduler steps, as
-    engine/loop.py logs it; momentum is group 0's `momentum`, or `betas[0]` for Adam-type
-    optimizers, None for neither.
+    lr is engine.schedules.base_lr, read before the scheduler steps, as engine/loop.py logs it;
+    momentum is engine.schedules.momentum (group 0's `momentum`, or Adam's `betas[0]`).
     """
     import os
 
-    from engine import build
+    from engine import build, schedules
 
     if train_size is None:
         splits, train_loader, _ = build.build_data(cfg)
@@ -59,14 +55,13 @@ def lr_curve(cfg: DictConfig, train_size: int | None = None) -> dict:
     scheduler = build.build_scheduler(cfg, optimizer, per_epoch)
     total = per_epoch * cfg.trainer.epochs
 
-    group = optimizer.param_groups[0]
     steps, lrs, momenta = [], [], []
     scheduler.step_update(num_updates=0)  # as fit() does before the first epoch
     for step in range(1, total + 1):
         # engine/loop.py: read before the update, logged at the step count after it
         steps.append(step)
-        lrs.append(group["lr"] / (group.get("lr_scale") or 1.0))
-        momenta.append(group["momentum"] if "momentum" in group else group.get("betas", [None])[0])
+        lrs.append(schedules.base_lr(optimizer))
+        momenta.append(schedules.momentum(optimizer))
         scheduler.step_update(num_updates=step)
 
     warmup = int(getattr(scheduler, "warmup_t", 0) or 0)

@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # engine, models, data as a file
-
 import hydra
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset

@@ -71,23 +71,7 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
         if not line or line.startswith("#"):
             continue
         where = f"{path}, line {number} ({line!r})"
-        fields = line.rsplit(maxsplit=1)
-        if len(fields) != 2:
-            raise ValueError(f"{where}: expected '<relative/path.jpg> <label>'")
-        relative, label_text = fields
-        try:
-            label = int(label_text)
-        except ValueError:
-            raise ValueError(
-                f"{where}: label {label_text!r} is not an integer; labels are indices into "
-                f"the class list (0..{len(classes) - 1})"
-            ) from None
-        if not 0 <= label < len(classes):
-            raise ValueError(
-                f"{where}: unknown label {label}; the class list has {len(classes)} classes, "
-                f"so labels run 0..{len(classes) - 1}. Fix the label or add the class to the "
-                "class list (data.dataset.classes)"
-            )
+        relative, label = _parse_line(line, where, len(classes))
         normal = os.path.normpath(relative)
         if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
             raise ValueError(
@@ -118,6 +102,28 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
     if not samples:
         raise ValueError(f"{path} lists no images; expected '<relative/path.jpg> <label>' lines")
     return samples
+
+
+def _parse_line(line: str, where: str, num_classes: int) -> tuple[str, int]:
+    """(relative path, label) of one `<relative/path.jpg> <label>` line; errors say `where`."""
+    fields = line.rsplit(maxsplit=1)
+    if len(fields) != 2:
+        raise ValueError(f"{where}: expected '<relative/path.jpg> <label>'")
+    relative, label_text = fields
+    try:
+        label = int(label_text)
+    except ValueError:
+        raise ValueError(
+            f"{where}: label {label_text!r} is not an integer; labels are indices into "
+            f"the class list (0..{num_classes - 1})"
+        ) from None
+    if not 0 <= label < num_classes:
+        raise ValueError(
+            f"{where}: unknown label {label}; the class list has {num_classes} classes, "
+            f"so labels run 0..{num_classes - 1}. Fix the label or add the class to the "
+            "class list (data.dataset.classes)"
+        )
+    return relative, label
 
 
 def _resolve(path: str, real_folders: dict[str, str]) -> tuple[str, bool]:

@@ -67,9 +67,27 @@ def _cifar(
         train_transform = small_image_transforms(image_size, mean, std, train=True, augment=augment)
         eval_transform = small_image_transforms(image_size, mean, std, train=False, augment=False)
         preprocess = small_image_preprocess(image_size, mean, std)
+    train, val = _read_checked(cls, root, download, train_transform, eval_transform)
+    tensors = None  # the model's pipeline cannot run on whole tensors
+    if preprocess is not None:
+        tensors = partial(small_image_tensors, train, val, image_size, mean, std, augment)
+    return Splits(
+        train=train,
+        val=val,
+        classes=list(train.classes),
+        in_chans=3,
+        train_eval=with_transform(train, eval_transform),
+        preprocess=preprocess,
+        tensors=tensors,
+    )
+
+
+def _read_checked(cls, root: Path, download: bool, train_transform, eval_transform):
+    """torchvision's train and test sets of `cls`; a damaged or malformed file is a ValueError
+    that names it (torchvision says "not found or corrupted" alike)."""
     where = root / cls.base_folder
     try:
-        train, val = read_pair(
+        return read_pair(
             cls,
             root,
             download,
@@ -105,18 +123,6 @@ def _cifar(
             f"{'; '.join(malformed_files(cls, where)) or repr(err)}. Put torchvision's "
             f"extracted {cls.filename} there again"
         ) from err
-    tensors = None  # the model's pipeline cannot run on whole tensors
-    if preprocess is not None:
-        tensors = partial(small_image_tensors, train, val, image_size, mean, std, augment)
-    return Splits(
-        train=train,
-        val=val,
-        classes=list(train.classes),
-        in_chans=3,
-        train_eval=with_transform(train, eval_transform),
-        preprocess=preprocess,
-        tensors=tensors,
-    )
 
 
 def _expected_files(cls) -> list[tuple[str, str]]:

@@ -54,27 +54,35 @@ def make_loaders(
             f"data.device_augment={dict(device_augment)} is the augmentation of "
             "data.on_device=true; turn that on, or set data.device_augment=null"
         )
+    train = _train_loader(splits.train, batch_size, num_workers, pin_memory, num_replicas, rank)
+    val = eval_loader(
+        splits.val, batch_size, num_workers, pin_memory, eval_batch_size, num_replicas, rank
+    )
+    return train, val
+
+
+def _train_loader(
+    dataset, batch_size: int, num_workers: int, pin_memory: bool, num_replicas: int, rank: int
+) -> DataLoader:
+    """Shuffled by its own generator (`seed_epoch`), last partial batch dropped, this rank's
+    share of the one order when data-parallel."""
     common = _worker_kwargs(num_workers, pin_memory)
     generator = torch.Generator()
-    sampler = RandomSampler(splits.train, generator=generator)
+    sampler = RandomSampler(dataset, generator=generator)
     if num_replicas > 1:
         sampler = ShardSampler(sampler, num_replicas, rank, drop_last=True)
         if rank > 0:
             # workers are seeded from the shared generator: give this process's workers their own
             # random augmentations
             common["worker_init_fn"] = partial(_seed_worker, rank)
-    train = DataLoader(
-        splits.train,
+    return DataLoader(
+        dataset,
         batch_size=batch_size,
         sampler=SkipSampler(sampler),  # a mid-epoch resume starts its first pass further on
         drop_last=True,
         generator=generator,
         **common,
     )
-    val = eval_loader(
-        splits.val, batch_size, num_workers, pin_memory, eval_batch_size, num_replicas, rank
-    )
-    return train, val
 
 
 def eval_loader(

@@ -2,7 +2,8 @@
 
 Each builder takes the optimizer and the run's length in updates; the engine calls
 `scheduler.step_update(step)` after every optimizer update, and `analysis/lr_curve.py` calls the
-same builder to draw the curve without training.
+same builder to draw the curve without training. Both read the LR back with `base_lr`, so the
+curve is the `train/lr` a run logs.
 """
 
 import logging
@@ -210,3 +211,20 @@ def follow_config_on_resume(scheduler: Scheduler, saved: dict) -> None:
             "the checkpoint's: %s",
             ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed),
         )
+
+
+def base_lr(optimizer: Optimizer) -> float:
+    """The LR the schedule sets for this update: the `train/lr` the loop logs.
+
+    Read it before `scheduler.step_update()`: the update in flight used this value. Group 0's
+    `lr` divided by its `lr_scale` (engine/optim.py sorts an unscaled group first where there is
+    one; timm's schedulers write `lr = scheduled LR * lr_scale` into every group).
+    """
+    group = optimizer.param_groups[0]
+    return group["lr"] / (group.get("lr_scale") or 1.0)
+
+
+def momentum(optimizer: Optimizer) -> float | None:
+    """Group 0's `momentum`, or `betas[0]` for Adam-type optimizers; None for neither."""
+    group = optimizer.param_groups[0]
+    return group["momentum"] if "momentum" in group else group.get("betas", [None])[0]

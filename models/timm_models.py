@@ -68,8 +68,21 @@ def create(
         kwargs["drop_path_rate"] = drop_path_rate
     if img_size is not None:
         kwargs["img_size"] = img_size
+    model = _timm_model(name, pretrained, kwargs)
+    if pretrained:
+        _say_if_head_reinitialised(model, name, num_classes)
+    if weights:
+        load_weights(model, weights)
+    if freeze is not None:
+        freeze_stages(model, freeze)
+    return model
+
+
+def _timm_model(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """timm.create_model, with the model.* key to change when the architecture refuses one of
+    `kwargs` or the hub weights cannot be fetched."""
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as err:
         for key, fix in (
             ("img_size", "(convolutional models take any input size); set model.img_size=null"),
@@ -88,22 +101,19 @@ def create(
             "fill the Hugging Face cache (HF_HOME) on a machine that is online, "
             "or load a local file: model.pretrained=false model.weights=<file>."
         ) from err
-    if pretrained:
-        hub_classes = model.pretrained_cfg.get("num_classes")
-        if hub_classes != num_classes:
-            log.info(
-                "model.pretrained: hub weights of %s loaded; classifier %s re-initialised for %d "
-                "classes (the weights have %s)",
-                name,
-                ", ".join(_head_modules(model)),
-                num_classes,
-                hub_classes,
-            )
-    if weights:
-        load_weights(model, weights)
-    if freeze is not None:
-        freeze_stages(model, freeze)
-    return model
+
+
+def _say_if_head_reinitialised(model: nn.Module, name: str, num_classes: int) -> None:
+    hub_classes = model.pretrained_cfg.get("num_classes")
+    if hub_classes != num_classes:
+        log.info(
+            "model.pretrained: hub weights of %s loaded; classifier %s re-initialised for %d "
+            "classes (the weights have %s)",
+            name,
+            ", ".join(_head_modules(model)),
+            num_classes,
+            hub_classes,
+        )
 
 
 def check_name(name: str) -> None:
@@ -171,20 +181,46 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     another architecture fails with the keys that do not fit.
     """
     path = Path(path).expanduser()
+    state = _state_dict(_read_weights_file(path), path)
+    # timm's own per-architecture conversion (original-repo layouts, resampled position
+    # embeddings), the one it applies to hub weights; a convention of timm's model modules
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        state = convert(state, model)
+    own = model.state_dict()
+    _adapt_stem(model, state, own)
+    skipped, file_head = _drop_unfitting_head(model, state, own)
+    _check_fit(model, state, own, skipped, path)
+    model.load_state_dict(state, strict=False)  # strict apart from the skipped classifier
+    if skipped:
+        # fine-tuning on another class count, as intended, or a dataset that is not the one
+        # meant: say both counts
+        log.warning(
+            "model.weights=%s: the file's classifier (%s) does not fit the %d classes of this "
+            "dataset; it is re-initialised and trains from scratch (skipped %s)",
+            path,
+            ", ".join(f"{k} {shape}" for k, shape in file_head.items()) or "absent",
+            model.num_classes,
+            ", ".join(skipped),
+        )
+    log.info("model.weights=%s: %d tensors loaded", path, len(state))
+    return skipped
+
+
+def _read_weights_file(path: Path):
+    """The file's content, read without running code from it: safetensors, or
+    torch.load(weights_only=True) with no fallback to a full unpickle."""
     if not path.is_file():
         raise FileNotFoundError(
             f"model.weights={str(path)!r} does not exist; give a .pth, .pt or .safetensors file "
             "(this repo's checkpoints work too: <run folder>/checkpoints/best.pt)"
         )
     try:
-        # safetensors, or torch.load(weights_only=True): never runs code from the file, and
-        # there is no fallback to a full unpickle
         if path.suffix == ".safetensors":
-            content = load_file(path)
-        else:
-            # timm's train.py saves its arguments as an argparse.Namespace: data, not code
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                content = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        # timm's train.py saves its arguments as an argparse.Namespace: data, not code
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         unsafe = _unsafe_globals(path)
         told = f"{err} {err.__cause__}"
@@ -201,14 +237,10 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
             f"({type(err).__name__}: {err}); expected a .safetensors file or a torch.save'd "
             "state dict (.pth / .pt), plain or under 'model' / 'state_dict'"
         ) from err
-    state = _state_dict(content, path)
-    # timm's own per-architecture conversion (original-repo layouts, resampled position
-    # embeddings), the one it applies to hub weights; a convention of timm's model modules
-    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if convert is not None:
-        state = convert(state, model)
 
-    own = model.state_dict()
+
+def _adapt_stem(model: nn.Module, state: dict, own: dict) -> None:
+    """A stem saved for another channel count, summed or repeated to fit (in place)."""
     first_conv = model.pretrained_cfg.get("first_conv") or ()
     for conv in (first_conv,) if isinstance(first_conv, str) else first_conv:
         key = f"{conv}.weight"
@@ -218,12 +250,21 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
                 state[key] = adapt_input_conv(want, state[key], base_chans=have)
                 log.info("model.weights: stem %s adapted from %d to %d channels", key, have, want)
 
+
+def _drop_unfitting_head(model: nn.Module, state: dict, own: dict) -> tuple[list[str], dict]:
+    """Remove from `state` the classifier keys that are absent or of another shape (another
+    class count); return them, and the shapes the file had for them."""
     heads = tuple(f"{m}." for m in _head_modules(model))
     in_head = [k for k in own if k.startswith(heads)]
     skipped = [k for k in in_head if k not in state or state[k].shape != own[k].shape]
     file_head = {k: tuple(state[k].shape) for k in skipped if k in state}
     for key in skipped:
         state.pop(key, None)
+    return skipped, file_head
+
+
+def _check_fit(model: nn.Module, state: dict, own: dict, skipped: list[str], path: Path) -> None:
+    """Raise with the keys that do not fit unless `state` covers the model but its classifier."""
     # FrozenBatchNorm2d (model.freeze) saves no num_batches_tracked; a missing one is harmless
     missing = [k for k in own if k not in state and k not in skipped]
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -248,20 +289,6 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
             f"({'; '.join(problems)}). Is it a file for another architecture, input size or "
             "channel count? Check model.name and model.img_size."
         )
-    model.load_state_dict(state, strict=False)  # strict apart from the skipped classifier
-    if skipped:
-        # fine-tuning on another class count, as intended, or a dataset that is not the one
-        # meant: say both counts
-        log.warning(
-            "model.weights=%s: the file's classifier (%s) does not fit the %d classes of this "
-            "dataset; it is re-initialised and trains from scratch (skipped %s)",
-            path,
-            ", ".join(f"{k} {shape}" for k, shape in file_head.items()) or "absent",
-            model.num_classes,
-            ", ".join(skipped),
-        )
-    log.info("model.weights=%s: %d tensors loaded", path, len(state))
-    return skipped
 
 
 def _state_dict(content, path: Path) -> dict:

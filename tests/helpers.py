@@ -23,6 +23,10 @@ def clean_env(**extra: str) -> dict:
     """The environment of a fresh shell: no W&B settings leaking in from the developer's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # a subprocess imports this checkout's packages even where the venv's editable install
+    # points at another checkout (several worktrees sharing one venv);
+    # tests/test_environment.py checks the install itself without it
+    env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
 

@@ -180,3 +180,21 @@ def test_every_sched_option_runs_from_the_warmup_lr_to_the_end(option):
     assert lrs[0] == pytest.approx(cfg.sched.warmup_lr if warmup else LR)
     assert lrs[warmup] == pytest.approx(LR)
     assert all(0 <= lr <= LR for lr in lrs)
+
+
+def test_base_lr_reads_the_scheduled_lr_whatever_group_0_is_scaled_by():
+    """The loop's `train/lr` and lr_curve's curve: the schedule's LR, not a group's scaled one."""
+    param = torch.zeros(1, requires_grad=True)
+    for opt in (
+        torch.optim.SGD([{"params": [param], "lr_scale": 0.25}], lr=LR, momentum=0.9),
+        torch.optim.AdamW([{"params": [param], "lr_scale": 4.0}], lr=LR, betas=(0.8, 0.99)),
+        torch.optim.SGD([param], lr=LR),  # no lr_scale key: scale 1
+    ):
+        sched = schedules.cosine(opt, total_steps=20, steps_per_epoch=SPE, warmup_steps=0)
+        for n in (0, 7, 19):
+            sched.step_update(num_updates=n)
+            expected = LR * 0.5 * (1 + math.cos(math.pi * n / 20))
+            assert schedules.base_lr(opt) == pytest.approx(expected)
+    assert schedules.momentum(opt) == 0.0  # SGD's momentum key, even when 0
+    assert schedules.momentum(torch.optim.AdamW([param], betas=(0.8, 0.99))) == 0.8
+    assert schedules.momentum(torch.optim.Adagrad([param])) is None
