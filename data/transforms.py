@@ -70,11 +70,15 @@ def image_transforms(
 
 
 def _keep_a_posterize_bit(transform) -> None:
-    """timm's increasing posterize keeps 4 - 4 x magnitude / 10 bits: 0 at magnitude 10, which
-    'rand-m9-mstd0.5-inc1' reaches in a few draws per thousand. Pillow >= 10 refuses 0 bits
-    (ValueError mid-epoch) where it once made the image black; keep at least 1 (nearly so)."""
-    for op in getattr(transform, "ops", None) or []:  # timm's RandAugment
-        if getattr(op, "name", None) == "PosterizeIncreasing":
+    """timm's posterize levels can keep 0 bits: 'Posterize' (v0, v0r policies) below magnitude
+    2.5, and 'PosterizeIncreasing' (rand-...-inc1, v0) at magnitude 10, which the policies reach
+    in a few draws per hundred images. Pillow >= 10 refuses 0 bits (ValueError mid-epoch) where
+    it once made the image black; keep at least 1 (nearly so)."""
+    ops = list(getattr(transform, "ops", None) or [])  # timm's RandAugment
+    for sub_policy in getattr(transform, "policy", None) or []:  # timm's AutoAugment
+        ops += sub_policy
+    for op in ops:
+        if getattr(op, "name", "") in ("Posterize", "PosterizeIncreasing"):
             level_fn = op.level_fn
             op.level_fn = lambda level, hparams, f=level_fn: (max(1, f(level, hparams)[0]),)
     for inner in getattr(transform, "transforms", []):
