@@ -28,7 +28,8 @@ def train(cfg: DictConfig) -> float:
     from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_config_tree, print_summary
-    from engine.loop import fit, resolve_device
+    from engine.device import resolve_device
+    from engine.loop import fit
     from engine.rng import seed_everything
     from engine.runinfo import write_run_info
 
@@ -75,8 +76,8 @@ def evaluate(cfg: DictConfig) -> float:
     from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_summary
+    from engine.device import resolve_device
     from engine.evaluate import evaluate_model, gather_shares, write_results
-    from engine.loop import resolve_device
     from engine.predict import load_trained
     from engine.runinfo import write_run_info
 
@@ -112,7 +113,7 @@ def predict(cfg: DictConfig) -> None:
 
     from engine import distributed
     from engine.checks import check_config
-    from engine.loop import resolve_device
+    from engine.device import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
 
     distributed.require_one_process("predict")  # how it was launched, before what it was given
@@ -149,7 +150,7 @@ def export(cfg: DictConfig) -> None:
 def serve(cfg: DictConfig) -> None:
     from engine import distributed
     from engine.checks import check_config
-    from engine.loop import resolve_device
+    from engine.device import resolve_device
     from engine.predict import Classifier
     from engine.serve import serve as serve_http
 

@@ -24,8 +24,8 @@ from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint, checks, distributed, errors
 from engine.checkpoint import CheckpointSaver
+from engine.device import resolve_device
 from engine.logger import RunLogger
-from engine.loop import resolve_device
 from models.timm_models import preprocessing
 
 log = logging.getLogger(__name__)

@@ -337,3 +337,18 @@ class CheckpointSaver:
     @property
     def best(self) -> Path:
         return self.folder / "best.pt"
+
+
+class NullSaver:
+    """CheckpointSaver's calls, writing nothing: what ranks other than 0 save with (rank 0 writes
+    the checkpoints), and tools (the benchmark) that keep no checkpoints."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def save(self, state: dict, epoch: int, is_best: bool, batches: int | None = None) -> Path:
+        return self.folder / checkpoint_name(epoch, batches)
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"

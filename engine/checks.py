@@ -316,7 +316,7 @@ def _betas(v) -> bool:
 
 
 def _precisions() -> tuple:
-    from engine.loop import PRECISIONS
+    from engine.device import PRECISIONS
 
     return tuple(PRECISIONS)
 

@@ -210,3 +210,13 @@ def follow_config_on_resume(scheduler: Scheduler, saved: dict) -> None:
             "the checkpoint's: %s",
             ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed),
         )
+
+
+def base_lr(optimizer: Optimizer) -> float:
+    """The schedule's LR as the optimizer holds it: group 0's lr without its lr_scale.
+
+    What the loop logs as train/lr (read before the update's scheduler step) and what
+    analysis/lr_curve.py draws: one read-back for both.
+    """
+    group = optimizer.param_groups[0]
+    return group["lr"] / (group.get("lr_scale") or 1.0)
