@@ -6,7 +6,7 @@ Everything below hands plain keyword arguments or built objects to models/, data
 import logging
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint, checks, distributed, errors
-from engine.checkpoint import CheckpointSaver
+from engine.checkpoint import CheckpointSaver, NullSaver
 from engine.device import resolve_device
-from engine.logger import RunLogger
+from engine.logger import NullLogger, RunLogger
+from engine.rng import seed_everything
 from models.timm_models import preprocessing
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,68 @@ def _say_which_data(trained_on: dict, used: dict, chosen: bool) -> None:
         )
 
 
+@dataclass
+class Training:
+    """Everything `engine.loop.fit` needs, built from a composed config by `training(cfg)`.
+
+    The logger and saver are made when the run starts (`logger()`, `saver(logger)`): the W&B
+    run and the checkpoint folder appear only once everything else was built.
+    """
+
+    cfg: DictConfig
+    run_dir: Path | None  # None: nothing is written (a null logger and saver)
+    resume: dict | None  # a loaded checkpoint to continue from
+    splits: Splits
+    model: nn.Module
+    train_loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+    def logger(self, job_type: str = "train"):
+        """W&B and metrics.jsonl (a context manager); a null logger without a run folder."""
+        if self.run_dir is None:
+            return NullLogger()
+        return build_logger(self.cfg, self.run_dir, self.resume, job_type)
+
+    def saver(self, logger):
+        """The checkpoint saver, which stores the logger's W&B run id for resuming."""
+        if self.run_dir is None:
+            best = {k: self.cfg.checkpoint[k] for k in ("best_metric", "best_mode")}
+            return NullSaver(Path("checkpoints"), **best)
+        return build_saver(self.cfg, self.run_dir, self.splits, logger.run_id)
+
+    def fit(self, logger, saver, **trainer) -> dict:
+        """engine.loop.fit of these objects with cfg.trainer's keys (`trainer` overrides some)."""
+        from engine.loop import fit
+
+        return fit(
+            self.model,
+            self.train_loader,
+            self.val_loader,
+            self.optimizer,
+            self.scheduler,
+            logger,
+            saver,
+            seed=self.cfg.seed,
+            num_classes=len(self.splits.classes),
+            resume=self.resume,
+            **{**self.cfg.trainer, **trainer},
+        )
+
+
+def training(cfg: DictConfig, run_dir: Path | None = None, resume: dict | None = None) -> Training:
+    """The data, model, optimizer and LR schedule of a composed (and checked) config, seeded by
+    cfg.seed first, so that the initial weights and the data order follow from it."""
+    seed_everything(cfg.seed)
+    splits, train_loader, val_loader = build_data(cfg)
+    model = build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch(cfg, train_loader))
+    parts = (splits, model, train_loader, val_loader, optimizer, scheduler)
+    return Training(cfg, run_dir, resume, *parts)
+
+
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
     splits = build_splits(cfg)
     # data-parallel: data.batch_size images per process, this process's share of each split
@@ -346,8 +409,10 @@ def build_logger(
 
 
 def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) -> CheckpointSaver:
-    if not distributed.is_main():
-        return distributed.NullSaver(run_dir / "checkpoints")  # rank 0 writes the checkpoints
+    if not distributed.is_main():  # rank 0 writes the checkpoints; every process chooses best
+        metric, mode = cfg.checkpoint.get("best_metric"), cfg.checkpoint.get("best_mode")
+        best = {"best_metric": metric or "val/acc1", "best_mode": mode or "max"}  # older configs
+        return NullSaver(run_dir / "checkpoints", **best)
     # what predict, serve and export need besides the weights: nothing else is read
     metadata = {
         "config": plain(cfg),

@@ -321,6 +321,12 @@ def _precisions() -> tuple:
     return tuple(PRECISIONS)
 
 
+def _best(kind: str) -> tuple:
+    from engine import checkpoint
+
+    return getattr(checkpoint, f"BEST_{kind}")
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PROBABILITY = {"low": 0, "high": 1}
 # key -> (test, what it must be, an example value). Checked where the key exists: a task's
@@ -392,6 +398,8 @@ VALUES = {
     "sched.decay_rate": _number(0, example=0.1, open_low=True),
     "sched.power": _number(0, example=1.0),
     "checkpoint.keep_last": _whole(0, 3),
+    "checkpoint.best_metric": _choice(lambda: _best("METRICS"), "val/loss"),
+    "checkpoint.best_mode": _choice(lambda: _best("MODES"), "min"),
     "task.topk": _whole(1, 5),
     "task.batch_size": _whole(1, 32),
     "task.port": (lambda v: _is_int(v) and 0 <= v <= 65535, "a port number 0..65535", 8000),

@@ -315,14 +315,12 @@ def fit(
     sync_bn: bool = False,
     num_classes: int | None = None,
     resume: dict | None = None,
-    best_metric: str = "val/acc1",
-    best_mode: str = "max",
 ) -> dict:
     """Train for `epochs`, evaluating and checkpointing after each; returns the final metrics.
 
     The keyword arguments are conf/trainer's keys (README, "Training options"); `resume` is a
     loaded checkpoint to continue from, exactly as if the run had not stopped on the CPU with
-    num_workers=0. `best_metric` / `best_mode` (checkpoint.*) choose best.pt.
+    num_workers=0. Best is chosen by the saver's best_metric and best_mode (checkpoint.*).
     """
     dtype = amp_dtype(precision)  # a bad precision, count or device fails before anything runs
     _check_counts(accum_steps, log_every, max_bad_steps, checkpoint_every_updates)
@@ -348,7 +346,7 @@ def fit(
     # fp16 needs loss scaling; for fp32/bf16 the disabled scaler is a pass-through
     scaler = torch.amp.GradScaler(run.device.type, enabled=precision == "fp16")
     ema = ModelEmaV3(model, decay=ema_decay) if ema_decay is not None else None
-    best = new_best(best_metric, best_mode)
+    best = new_best(saver.best_metric, saver.best_mode)
     state = TrainingState(model, optimizer, scheduler, scaler, ema, best=best)
     if resume is not None:
         state.load_state_dict(resume)

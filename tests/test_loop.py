@@ -1,5 +1,7 @@
 """The loop's options do what their names say, on a model small enough to reason about."""
 
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -154,3 +156,48 @@ def test_mixup_trains_on_soft_targets(tmp_path):
     assert plain[0]["train/loss"] != mixed[0]["train/loss"]
     with pytest.raises(ValueError, match=r"even batch size; data\.batch_size=15"):
         train(tmp_path / "odd", batch_size=15, limit_train_batches=1, mixup_alpha=1.0)
+
+
+@pytest.mark.parametrize("metric, mode", [("val/loss", "min"), ("val/acc1", "max")])
+def test_best_follows_the_configured_metric_and_direction(tmp_path, metric, mode):
+    torch.manual_seed(0)
+    data = Splits(
+        train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+        val=TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))),
+        classes=["a", "b", "c"],
+        in_chans=4,
+    )
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)  # large: val/loss goes up and down
+    train_loader, val_loader = make_loaders(data, batch_size=8)
+    scheduler = cosine(optimizer, total_steps=40, steps_per_epoch=8, warmup_lr=2.0)
+    best = {"best_metric": metric, "best_mode": mode}
+    saver = CheckpointSaver(tmp_path / "checkpoints", metadata={"config": {}}, **best)
+    with RunLogger(tmp_path, config={}) as logger:
+        result = fit(
+            model, train_loader, val_loader, optimizer, scheduler, logger, saver,
+            epochs=5, device="cpu",
+        )  # fmt: skip
+    epochs = [r for r in read_jsonl(tmp_path) if "epoch" in r]
+    pick = min if mode == "min" else max
+    chosen = pick(epochs, key=lambda r: r[metric])  # the first of equals, as fit keeps it
+    assert result["best/epoch"] == chosen["epoch"] and result[f"best/{metric}"] == chosen[metric]
+    assert (result["best/metric"], result["best/mode"]) == (metric, mode)
+    saved = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert saved["epoch"] == chosen["epoch"] and saved["best"]["metric"] == metric
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.best_mode=lowest", "checkpoint.best_mode='lowest' must be one of max, min"),
+        ("checkpoint.best_metric=val/acc", "checkpoint.best_metric='val/acc' must be one of val/"),
+    ],
+)
+def test_a_bad_best_metric_or_direction_is_refused_before_anything_is_built(override, message):
+    from engine.checks import check_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(composed(override))
+    with pytest.raises(ValueError, match=r"checkpoint\.best_mode='up' must be max or min"):
+        CheckpointSaver("unused", best_mode="up")
