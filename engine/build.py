@@ -67,26 +67,7 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     if resume is None:
         return cfg, hydra_dir, None
     if resume == "auto":
-        # rank 0's pick: every process of a data-parallel run loads the same checkpoint
-        found = refused = None
-        if distributed.is_main():
-            try:
-                found = checkpoint.find_latest(hydra_dir / "checkpoints")
-            except checkpoint.NoValidCheckpoint as err:
-                refused = str(err)
-        found, refused = distributed.from_main((found, refused))
-        if refused:
-            raise ValueError(
-                f"resume=auto: {refused}\nResume from another checkpoint "
-                "(resume=<checkpoint file>), or start a fresh run with resume=null"
-            )
-        if found is None:
-            if not errors.holds_only_hydra_files(hydra_dir, HydraConfig.get().job.name):
-                # a folder used before (a requeued job, a fixed hydra.run.dir): worth a line;
-                # a new run's new folder starts fresh by definition
-                log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
-            return cfg, hydra_dir, None
-        return cfg, hydra_dir, _load_for_resume(found)
+        return cfg, hydra_dir, _resume_auto(hydra_dir)
     path = Path(str(resume)).expanduser()
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -116,6 +97,30 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     checks.check_config(saved)  # the checkpoint's config is a file's content: check it as well
     log.info("resuming %s: the run continues in %s", path, path.parent.parent)
     return saved, path.parent.parent, state
+
+
+def _resume_auto(hydra_dir: Path) -> dict | None:
+    """resume=auto: the newest valid checkpoint of this run's folder, loaded; None if it has none."""
+    # rank 0's pick: every process of a data-parallel run loads the same checkpoint
+    found = refused = None
+    if distributed.is_main():
+        try:
+            found = checkpoint.find_latest(hydra_dir / "checkpoints")
+        except checkpoint.NoValidCheckpoint as err:
+            refused = str(err)
+    found, refused = distributed.from_main((found, refused))
+    if refused:
+        raise ValueError(
+            f"resume=auto: {refused}\nResume from another checkpoint "
+            "(resume=<checkpoint file>), or start a fresh run with resume=null"
+        )
+    if found is None:
+        if not errors.holds_only_hydra_files(hydra_dir, HydraConfig.get().job.name):
+            # a folder used before (a requeued job, a fixed hydra.run.dir): worth a line;
+            # a new run's new folder starts fresh by definition
+            log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
+        return None
+    return _load_for_resume(found)
 
 
 def _load_for_resume(path: Path) -> dict:
@@ -252,11 +257,18 @@ class Training:
         )
 
 
-def training(cfg: DictConfig, run_dir: Path | None = None, resume: dict | None = None) -> Training:
+def training(
+    cfg: DictConfig, run_dir: Path | None = None, resume: dict | None = None, data=None
+) -> Training:
     """The data, model, optimizer and LR schedule of a composed (and checked) config, seeded by
-    cfg.seed first, so that the initial weights and the data order follow from it."""
+    cfg.seed first, so that the initial weights and the data order follow from it.
+
+    `run_dir`: where the logger and saver write (None: nowhere). `data`: build_data(cfg)'s
+    (splits, train loader, val loader) when the caller needed them first (the benchmark sizes
+    its run by the loader).
+    """
     seed_everything(cfg.seed)
-    splits, train_loader, val_loader = build_data(cfg)
+    splits, train_loader, val_loader = data or build_data(cfg)
     model = build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch(cfg, train_loader))

@@ -75,7 +75,7 @@ LATE_ARGUMENTS = {
         "eval_transform": "data.transform",
     },
 }
-# engine.loop.fit's arguments run.py fills from elsewhere than cfg.trainer
+# engine.loop.fit's arguments run.py fills from elsewhere than cfg.trainer (TrainerOptions)
 FIT_LATE = {"seed": "the top-level seed", "num_classes": "the dataset", "resume": "resume=..."}
 
 
@@ -551,12 +551,13 @@ def _key_problems(cfg: DictConfig, targets: dict[str, Callable]) -> list[str]:
         problems += _unbound(path, keys, func, LATE_ARGUMENTS.get(path, {}))
     trainer = OmegaConf.select(cfg, "trainer")
     if isinstance(trainer, DictConfig) and _get(cfg, "task.name") == "train":
-        from engine.loop import fit
+        from engine.loop import TrainerOptions, fit
 
-        # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer)
+        # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer),
+        # whose **trainer are TrainerOptions' fields
         params = inspect.signature(fit).parameters.values()
-        late = {p.name: "built by the engine" for p in params if p.kind is not p.KEYWORD_ONLY}
-        problems += _unbound("trainer", list(trainer), fit, {**late, **FIT_LATE})
+        late = {p.name: "built by the engine" for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+        problems += _unbound("trainer", list(trainer), TrainerOptions, {**late, **FIT_LATE})
     return problems
 
 

@@ -282,6 +282,58 @@ def evaluate(
     return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}
 
 
+@dataclass(frozen=True)
+class TrainerOptions:
+    """conf/trainer's keys: how fit trains (README, "Training options"). A config's trainer keys
+    are bound to these fields before anything is built (engine/checks.py)."""
+
+    epochs: int
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with a grad scaler)
+    channels_last: bool = False
+    compile: bool | str = False  # torch.compile the training model: True, or a mode
+    cudnn_benchmark: bool = True
+    accum_steps: int = 1  # batches per update
+    clip_grad_norm: float | None = None
+    label_smoothing: float = 0.0
+    log_every: int = 10  # updates between train/loss records
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
+    ema_decay: float | None = None  # timm's ModelEmaV3, evaluated beside the model
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    eval_hflip: bool = False
+    max_bad_steps: int | None = 10  # None: no non-finite check (one host sync less per update)
+    checkpoint_every_updates: int | None = None
+    sync_bn: bool = False
+
+    def __post_init__(self) -> None:
+        # tools and tests call fit directly: a bad value fails before anything runs
+        amp_dtype(self.precision)
+        for key in ("accum_steps", "log_every", "max_bad_steps", "checkpoint_every_updates"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"trainer.{key}={value!r} must be an integer, 1 or more")
+
+    def settings(self, loader_batches: int) -> StepSettings:
+        limit = self.limit_train_batches
+        return StepSettings(
+            device=resolve_device(self.device),
+            amp_dtype=amp_dtype(self.precision),
+            channels_last=self.channels_last,
+            accum_steps=self.accum_steps,
+            clip_grad_norm=self.clip_grad_norm,
+            log_every=self.log_every,
+            num_batches=loader_batches if limit is None else min(limit, loader_batches),
+        )
+
+    def objective(self, num_classes: int | None, batch_size: int) -> Objective:
+        mixing = (self.mixup_alpha, self.cutmix_alpha, self.mixup_prob, self.mixup_switch_prob)
+        return trainer_objective(self.label_smoothing, *mixing, num_classes, batch_size)
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -291,77 +343,34 @@ def fit(
     logger: RunLogger,
     saver: CheckpointSaver,
     *,
-    epochs: int,
     seed: int = 0,
-    device: str = "auto",
-    precision: str = "fp32",
-    channels_last: bool = False,
-    compile: bool | str = False,
-    cudnn_benchmark: bool = True,
-    accum_steps: int = 1,
-    clip_grad_norm: float | None = None,
-    label_smoothing: float = 0.0,
-    log_every: int = 10,
-    limit_train_batches: int | None = None,
-    limit_val_batches: int | None = None,
-    ema_decay: float | None = None,
-    mixup_alpha: float = 0.0,
-    cutmix_alpha: float = 0.0,
-    mixup_prob: float = 1.0,
-    mixup_switch_prob: float = 0.5,
-    eval_hflip: bool = False,
-    max_bad_steps: int | None = 10,
-    checkpoint_every_updates: int | None = None,
-    sync_bn: bool = False,
     num_classes: int | None = None,
     resume: dict | None = None,
+    **trainer,
 ) -> dict:
-    """Train for `epochs`, evaluating and checkpointing after each; returns the final metrics.
+    """Train for trainer.epochs, evaluating and checkpointing after each; returns the final metrics.
 
-    The keyword arguments are conf/trainer's keys (README, "Training options"); `resume` is a
-    loaded checkpoint to continue from, exactly as if the run had not stopped on the CPU with
-    num_workers=0. Best is chosen by the saver's best_metric and best_mode (checkpoint.*).
+    `trainer`: conf/trainer's keys (TrainerOptions). `resume`: a loaded checkpoint; training goes
+    on as if it had not stopped (exactly, on the CPU with num_workers=0). The saver's best_metric
+    and best_mode choose best.pt.
     """
-    dtype = amp_dtype(precision)  # a bad precision, count or device fails before anything runs
-    _check_counts(accum_steps, log_every, max_bad_steps, checkpoint_every_updates)
-    batches = len(train_loader)
-    run = StepSettings(
-        device=resolve_device(device),
-        amp_dtype=dtype,
-        channels_last=channels_last,
-        accum_steps=accum_steps,
-        clip_grad_norm=clip_grad_norm,
-        log_every=log_every,
-        num_batches=batches if limit_train_batches is None else min(limit_train_batches, batches),
-    )
-    torch.backends.cudnn.benchmark = cudnn_benchmark  # fastest conv algorithms for fixed shapes
-    model.to(
-        run.device, memory_format=torch.channels_last if channels_last else torch.preserve_format
-    )
-    mixing = (mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob)
-    objective = trainer_objective(label_smoothing, *mixing, num_classes, train_loader.batch_size)
+    options = TrainerOptions(**trainer)
+    run = options.settings(len(train_loader))
+    torch.backends.cudnn.benchmark = (
+        options.cudnn_benchmark
+    )  # fastest conv algorithms, fixed shapes
+    objective = options.objective(num_classes, train_loader.batch_size)
     if distributed.rank() > 0:
         # its own augmentation and mixup draws; the weights come from rank 0 (DDP broadcasts them)
         seed_everything(seed + distributed.rank())
-    # fp16 needs loss scaling; for fp32/bf16 the disabled scaler is a pass-through
-    scaler = torch.amp.GradScaler(run.device.type, enabled=precision == "fp16")
-    ema = ModelEmaV3(model, decay=ema_decay) if ema_decay is not None else None
-    best = new_best(saver.best_metric, saver.best_mode)
-    state = TrainingState(model, optimizer, scheduler, scaler, ema, best=best)
-    if resume is not None:
-        state.load_state_dict(resume)
-        _log_resumed(state, run.num_batches)
-    scheduler.step_update(num_updates=state.step)
-    net = distributed.data_parallel(model, run.device, sync_bn)
-    state.model = distributed.unwrap(net)  # sync_bn: new modules around the same tensors
-    net = torch.compile(net, mode=None if compile is True else compile) if compile else net
-    guard = Guard(state.model, max_bad_steps)
-    checkpointer = Checkpointer(saver, guard, checkpoint_every_updates, run.num_batches)
-    options = {"num_batches": limit_val_batches, "hflip": eval_hflip}
+    state = _start_state(model, optimizer, scheduler, saver, options, run, resume)
+    net = _training_net(state, options, run.device)
+    guard = Guard(state.model, options.max_bad_steps)
+    checkpointer = Checkpointer(saver, guard, options.checkpoint_every_updates, run.num_batches)
     view = progress_bar() if distributed.is_main() else Progress(disable=True)
     with guard, view as progress:
-        epochs_bar = progress.add_task("epochs", total=epochs, completed=state.epoch, metrics="")
-        while state.epoch < epochs:
+        bar = progress.add_task("epochs", total=options.epochs, completed=state.epoch, metrics="")
+        while state.epoch < options.epochs:
             seed_epoch(train_loader, seed, state.epoch)
             bad_before = skipped_images(train_loader.dataset)
             if state.start_epoch(run.device):  # a resumed epoch: its batches done are skipped
@@ -372,29 +381,42 @@ def fit(
             train_s = time.perf_counter() - t0
             bad_images = skipped_images(train_loader.dataset) - bad_before
             poll = partial(checkpointer.poll, state)  # a stop signal while evaluating
-            vals, spent = validate(
-                state, val_loader, objective.eval_loss, run, progress, poll, **options
-            )
+            val_options = (options.limit_val_batches, options.eval_hflip)
+            vals, spent = validate(state, val_loader, objective, run, progress, poll, *val_options)
             metrics = _epoch_metrics(state.epoch, train, vals, bad_images, (t0, train_s, *spent))
             logger.log(metrics, step=state.step)
             is_best = state.finish_epoch(metrics, vals)
-            _report(metrics, epochs, progress, epochs_bar)
+            _report(metrics, options.epochs, progress, bar)
             checkpointer.end_of_epoch(state, is_best)
     best = {f"best/{k}": v for k, v in state.best.items()}
     logger.summary(best)
     return {**state.metrics, **best, "step": state.step}
 
 
-def _check_counts(accum_steps, log_every, max_bad_steps, checkpoint_every_updates) -> None:
-    """fit's whole-number arguments (run.py checks the config before this; tools call fit too)."""
-    for key, value in (
-        ("accum_steps", accum_steps),
-        ("log_every", log_every),
-        ("max_bad_steps", max_bad_steps),
-        ("checkpoint_every_updates", checkpoint_every_updates),
-    ):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"trainer.{key}={value!r} must be an integer, 1 or more")
+def _start_state(model, optimizer, scheduler, saver, options, run, resume) -> TrainingState:
+    """The training state at the start: new, or loaded from the `resume` checkpoint."""
+    layout = torch.channels_last if options.channels_last else torch.preserve_format
+    model.to(run.device, memory_format=layout)
+    # fp16 needs loss scaling; for fp32/bf16 the disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(run.device.type, enabled=options.precision == "fp16")
+    decay = options.ema_decay
+    ema = ModelEmaV3(model, decay=decay) if decay is not None else None
+    best = new_best(saver.best_metric, saver.best_mode)
+    state = TrainingState(model, optimizer, scheduler, scaler, ema, best=best)
+    if resume is not None:
+        state.load_state_dict(resume)
+        _log_resumed(state, run.num_batches)
+    scheduler.step_update(num_updates=state.step)  # the LR of the next update
+    return state
+
+
+def _training_net(state: TrainingState, options: TrainerOptions, device) -> nn.Module:
+    """What trains: the model in DistributedDataParallel under torchrun, compiled if asked."""
+    net = distributed.data_parallel(state.model, device, options.sync_bn)
+    state.model = distributed.unwrap(net)  # sync_bn: new modules around the same tensors
+    if options.compile:
+        net = torch.compile(net, mode=None if options.compile is True else options.compile)
+    return net
 
 
 def _log_resumed(state: TrainingState, num_batches: int) -> None:
@@ -407,7 +429,7 @@ def _log_resumed(state: TrainingState, num_batches: int) -> None:
     log.info("resumed after epoch %d (update %d)%s", state.epoch, state.step, within)
 
 
-def validate(state, loader, criterion, run, progress, poll, num_batches, hflip):
+def validate(state, loader, objective, run, progress, poll, num_batches, hflip):
     """evaluate() the model and, with EMA, its average: ({"model": ..., "ema": ...}, (seconds,
     images evaluated over all processes))."""
     t0 = time.perf_counter()
@@ -416,7 +438,7 @@ def validate(state, loader, criterion, run, progress, poll, num_batches, hflip):
         models["ema"] = state.ema.module
     options = {"device": run.device, "amp_dtype": run.amp_dtype, "channels_last": run.channels_last}
     vals = {
-        name: evaluate(m, loader, criterion, **options, num_batches=num_batches,
+        name: evaluate(m, loader, objective.eval_loss, **options, num_batches=num_batches,
                        progress=progress, hflip=hflip, poll=poll)
         for name, m in models.items()
     }  # fmt: skip

@@ -15,7 +15,7 @@ from data.kfold import kfold
 from data.loaders import make_loaders
 from data.transforms import image_transforms
 from engine.checkpoint import CheckpointSaver
-from engine.loop import fit
+from engine.loop import TrainerOptions
 from tests.helpers import REPO, RUN_PY, clean_env
 
 CONF = REPO / "conf"
@@ -128,7 +128,7 @@ def check_group(cfg, group: str) -> None:
         target, keys = target_keys(node)
         bind(target, keys, late=("optimizer", "total_steps", "steps_per_epoch"))
     elif group == "trainer":
-        bind(fit, OmegaConf.to_container(node))
+        bind(TrainerOptions, OmegaConf.to_container(node))  # fit's **trainer
     elif group == "task":
         keys = OmegaConf.to_container(node)
         keys.pop("name")
