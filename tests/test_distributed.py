@@ -43,6 +43,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 # timm's 0.4 M-parameter test ResNet (with BatchNorm) reaches ~97 % top-1 on the 16 x 16 digits
 # in 4 epochs of 22 updates
 SETTINGS = [
+    "data.dataset.image_size=16",  # IMAGE_SIZE (conf/data/digits.yaml makes 56 px)
     "model.name=test_resnet",
     "trainer.epochs=4",
     "trainer.log_every=5",
@@ -50,7 +51,7 @@ SETTINGS = [
     "sched.warmup_epochs=0",
 ]
 BATCH = 32  # per process: 2 processes x 32 = the single process's 64
-IMAGE_SIZE = 16  # conf/data/digits.yaml
+IMAGE_SIZE = 16  # the runs' data.dataset.image_size (SETTINGS)
 
 
 def torchrun(*overrides: str, cwd: Path, nproc: int = 2, timeout: int = 600):
