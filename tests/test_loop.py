@@ -201,3 +201,41 @@ def test_a_bad_best_metric_or_direction_is_refused_before_anything_is_built(over
         check_config(composed(override))
     with pytest.raises(ValueError, match=r"checkpoint\.best_mode='up' must be max or min"):
         CheckpointSaver("unused", best_mode="up")
+
+
+def test_an_update_reads_the_device_back_once(tmp_path, monkeypatch):
+    """The guard's verdict (non-finite check and stop signal) is the update's one host sync:
+    twice the updates, exactly one more read-back each (the epoch's own syncs are the same)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(updates: int) -> int:
+        torch.manual_seed(0)
+        data = Splits(
+            train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+            val=TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))),
+            classes=["a", "b", "c"],
+            in_chans=4,
+        )
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_loader, val_loader = make_loaders(data, batch_size=4)
+        scheduler = cosine(optimizer, total_steps=16, steps_per_epoch=16)
+        folder = tmp_path / str(updates)
+        saver = CheckpointSaver(folder / "checkpoints", metadata={"config": {}})
+        with RunLogger(folder, config={}) as logger:
+            reads.clear()
+            fit(
+                model, train_loader, val_loader, optimizer, scheduler, logger, saver,
+                epochs=1, device="cpu", log_every=1000, limit_train_batches=updates,
+            )  # fmt: skip
+            return len(reads)
+
+    assert syncs(8) - syncs(4) == 4
