@@ -30,6 +30,7 @@ def train(cfg: DictConfig) -> float:
     from engine.console import print_config_tree, print_summary
     from engine.runinfo import write_run_info
 
+    build.upgrade_config(cfg)  # old loss and mixup keys move to loss.* and mixup.*
     check_config(cfg)  # a bad key, value or _target_ fails here, before anything is built
     distributed.check_started()
     main_process = distributed.is_main()  # under torchrun, rank 0 alone prints and writes

@@ -143,8 +143,10 @@ def benchmark(
             f"benchmark.steps={steps} and benchmark.repeats={repeats} must be 1 or more, "
             f"benchmark.warmup={warmup} 0 or more"
         )
+    from engine.build import upgrade_config
     from engine.checks import check_config
 
+    upgrade_config(cfg)  # old loss and mixup keys move to loss.* and mixup.*, as in run.py
     check_config(cfg)  # as run.py does first: a bad key or value fails before anything is built
     options = {"mode": mode, "steps": steps, "repeats": repeats, "warmup": warmup}
     if mode == "train":
@@ -219,7 +221,7 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
     bare_optimizer = build.build_optimizer(cfg, bare)
     bare_clock = _StepClock()
     bare_optimizer.register_step_post_hook(bare_clock)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
     step = _bare_step(bare, bare_optimizer, criterion, amp_dtype, device, cfg.trainer)
     one_epoch = _train_pass(train_loader, steps, cfg.seed, device, memory_format, step, bare_clock)
     bare_rates, bare_memory = _timed(one_epoch, warmup, repeats, device)
@@ -309,7 +311,7 @@ def data_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, compa
     model = build.build_model(cfg, splits).to(device, memory_format=memory_format)
     optimizer = build.build_optimizer(cfg, model)
     result["run"] = _run_facts(cfg, splits, steps, None, model, optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
     amp_dtype = PRECISIONS.get(cfg.trainer.precision)
     step = _bare_step(model, optimizer, criterion, amp_dtype, device, cfg.trainer)
     images, targets = next(iter(train_loader))
@@ -641,8 +643,8 @@ def _train_notes(cfg: DictConfig) -> list[str]:
     t = cfg.trainer
     extra = {
         "ema_decay": t.get("ema_decay") is not None,
-        "mixup_alpha / cutmix_alpha": (t.get("mixup_alpha") or 0) > 0
-        or (t.get("cutmix_alpha") or 0) > 0,
+        "mixup.mixup_alpha / cutmix_alpha": (cfg.mixup.get("mixup_alpha") or 0) > 0
+        or (cfg.mixup.get("cutmix_alpha") or 0) > 0,
         "clip_grad_norm": t.get("clip_grad_norm") is not None,
         "accum_steps": (t.get("accum_steps") or 1) > 1,
     }

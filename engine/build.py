@@ -26,6 +26,7 @@ from engine import checkpoint, checks, distributed, errors
 from engine.checkpoint import CheckpointSaver, NullSaver
 from engine.device import resolve_device
 from engine.logger import NullLogger, RunLogger
+from engine.objective import Objective, build_objective, upgrade_legacy_keys
 from engine.rng import seed_everything
 from models.timm_models import preprocessing
 
@@ -92,11 +93,21 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     state = _load_for_resume(path)
     checks.check_saved_config(state["config"], path)
     saved = OmegaConf.create(state["config"])
+    upgrade_config(saved)  # a run saved before conf/loss/ and the mixup block
     _apply_overrides(saved, HydraConfig.get().overrides.task)
+    upgrade_config(saved)  # trainer.label_smoothing=... given on this command line
     saved.resume = str(path)
     checks.check_config(saved)  # the checkpoint's config is a file's content: check it as well
     log.info("resuming %s: the run continues in %s", path, path.parent.parent)
     return saved, path.parent.parent, state
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """Move the keys of before (trainer.label_smoothing, trainer.mixup_alpha, ...) to their new
+    places (engine/objective.py), saying so in the log: for composed and saved configs alike."""
+    for message in upgrade_legacy_keys(cfg):
+        log.warning(message)
+    return cfg
 
 
 def _resume_auto(hydra_dir: Path) -> dict | None:
@@ -224,6 +235,7 @@ class Training:
     val_loader: object
     optimizer: torch.optim.Optimizer
     scheduler: object
+    objective: Objective  # the losses and batch mixing (conf/loss/, the mixup block)
 
     def logger(self, job_type: str = "train"):
         """W&B and metrics.jsonl (a context manager); a null logger without a run folder."""
@@ -253,6 +265,7 @@ class Training:
             seed=self.cfg.seed,
             num_classes=len(self.splits.classes),
             resume=self.resume,
+            objective=self.objective,
             **{**self.cfg.trainer, **trainer},
         )
 
@@ -267,12 +280,17 @@ def training(
     (splits, train loader, val loader) when the caller needed them first (the benchmark sizes
     its run by the loader).
     """
+    upgrade_config(cfg)  # a config not yet upgraded (tools, tests): old loss/mixup keys moved
     seed_everything(cfg.seed)
     splits, train_loader, val_loader = data or build_data(cfg)
     model = build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch(cfg, train_loader))
-    parts = (splits, model, train_loader, val_loader, optimizer, scheduler)
+    objective = build_objective(
+        cfg, splits.train, num_classes=len(splits.classes), batch_size=cfg.data.batch_size
+    )
+    log.info(objective.describe())
+    parts = (splits, model, train_loader, val_loader, optimizer, scheduler, objective)
     return Training(cfg, run_dir, resume, *parts)
 
 

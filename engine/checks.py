@@ -34,6 +34,11 @@ ALLOWED_TARGETS = (
     "data.folders.imagenet",
     "data.mnist.fashion_mnist",
     "data.mnist.mnist",
+    "engine.objective.asl",
+    "engine.objective.bce",
+    "engine.objective.ce",
+    "engine.objective.poly",
+    "engine.objective.soft_ce",
     "engine.optim.create_optimizer",
     "engine.schedules.constant",
     "engine.schedules.cosine",
@@ -42,6 +47,7 @@ ALLOWED_TARGETS = (
     "engine.schedules.step",
     "models.speednet.speednet",
     "models.timm_models.create",
+    "timm.data.Mixup",  # mixes batches in memory; reads no file
 )
 # Your own builders besides those, comma-separated, each either
 #   a callable:  mylab.models.build_net   that one function or class, wherever it is defined
@@ -69,6 +75,17 @@ LATE_ARGUMENTS = {
         "optimizer": "the built optimizer",
         "total_steps": "trainer.epochs x updates per epoch",
         "steps_per_epoch": "the updates per epoch",
+    },
+    "loss": {
+        "num_classes": "the dataset's class count",
+        "class_stats": "the training split's label counts",
+        "soft_targets": "whether mixup or cutmix is on",
+        "multi_label": "the dataset",
+    },
+    "mixup": {
+        "label_smoothing": "loss.label_smoothing",
+        "num_classes": "the dataset's class count",
+        "multi_label": "the dataset",
     },
     "data.dataset": {
         "train_transform": "data.transform",
@@ -315,6 +332,22 @@ def _betas(v) -> bool:
     )
 
 
+_CLASS_WEIGHTS = ("auto", "inv_freq", "effective_num")
+
+
+def _weight_list(value) -> bool:
+    from engine.objective import weight_list_problem
+
+    return weight_list_problem(_plain_value(value)) is None
+
+
+def _legacy_alias(cfg: DictConfig, key: str) -> bool:
+    """`key` is one of the old names that conf/ keeps as an alias of its new key, unset."""
+    from engine.objective import LEGACY_KEYS, legacy_value
+
+    return key in LEGACY_KEYS and legacy_value(cfg, key) is None
+
+
 def _precisions() -> tuple:
     from engine.device import PRECISIONS
 
@@ -370,12 +403,43 @@ VALUES = {
     "trainer.limit_train_batches": _whole(1, 50, none_ok=True),
     "trainer.limit_val_batches": _whole(1, 10, none_ok=True),
     "trainer.clip_grad_norm": _number(0, example=1.0, open_low=True, none_ok=True),
-    "trainer.label_smoothing": _number(0, 0.99, example=0.1),
     "trainer.ema_decay": _number(0, 0.999999, example=0.9998, open_low=True, none_ok=True),
-    "trainer.mixup_alpha": _number(0, example=0.8),
-    "trainer.cutmix_alpha": _number(0, example=1.0),
-    "trainer.mixup_prob": _number(**PROBABILITY, example=1.0),
-    "trainer.mixup_switch_prob": _number(**PROBABILITY, example=0.5),
+    # the keys of before (engine/objective.py LEGACY_KEYS): checked where given a value
+    "trainer.label_smoothing": _number(0, 0.99, example=0.1, none_ok=True),
+    "trainer.mixup_alpha": _number(0, example=0.8, none_ok=True),
+    "trainer.cutmix_alpha": _number(0, example=1.0, none_ok=True),
+    "trainer.mixup_prob": _number(**PROBABILITY, example=1.0, none_ok=True),
+    "trainer.mixup_switch_prob": _number(**PROBABILITY, example=0.5, none_ok=True),
+    "loss.label_smoothing": _number(0, 0.99, example=0.1),
+    "loss.class_weight": (
+        lambda v: v is None or v in _CLASS_WEIGHTS or _weight_list(v),
+        "null, " + ", ".join(_CLASS_WEIGHTS) + " or a list of numbers >= 0, one per class",
+        "auto",
+    ),
+    "loss.pos_weight": (
+        lambda v: v is None or v == "neg_pos" or _weight_list(v),
+        "null, neg_pos or a list of numbers >= 0, one per class",
+        "neg_pos",
+    ),
+    "loss.class_weight_beta": _number(0, 1, example=0.999, open_low=True, open_high=True),
+    "loss.target_threshold": _number(0, 1, example=0.2, none_ok=True),
+    "loss.sum_classes": _bool(False),
+    "loss.gamma_neg": _number(0, example=4.0),
+    "loss.gamma_pos": _number(0, example=1.0),
+    "loss.clip": _number(0, 1, example=0.05, none_ok=True, open_high=True),
+    "loss.reduction": _choice(("batchmean", "mean", "sum"), "batchmean"),
+    "loss.epsilon": _number(-1, example=2.0),
+    "mixup.mixup_alpha": _number(0, example=0.8),
+    "mixup.cutmix_alpha": _number(0, example=1.0),
+    "mixup.cutmix_minmax": (
+        lambda v: v is None or _range(0, 1, "")[0](v),
+        "null or [min, max] with 0 < min <= max <= 1",
+        "[0.2,0.8]",
+    ),
+    "mixup.prob": _number(**PROBABILITY, example=1.0),
+    "mixup.switch_prob": _number(**PROBABILITY, example=0.5),
+    "mixup.mode": _choice(("batch", "pair", "elem"), "batch"),
+    "mixup.correct_lam": _bool(True),
     "trainer.eval_hflip": _bool(True),
     "trainer.max_bad_steps": _whole(1, 10, none_ok=True),
     "trainer.checkpoint_every_updates": _whole(1, 500, none_ok=True),
@@ -443,7 +507,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     ]
     for key, (test, what, example) in VALUES.items():
         value = _get(cfg, key)
-        if value is not _ABSENT and not test(value):  # _ABSENT: no such key, or ???
+        # _ABSENT: no such key, or ???
+        if value is not _ABSENT and not _legacy_alias(cfg, key) and not test(value):
             what = what() if callable(what) else what
             problems.append(f"{key}={_plain_value(value)!r} must be {what}, e.g. {key}={example}")
     for key in DEVICE_KEYS:
@@ -475,11 +540,11 @@ def _between_keys(cfg: DictConfig) -> list[str]:
             f"data.fold={fold} but data.num_folds={folds}: the folds are 0..{folds - 1}"
         )
     batch = _get(cfg, "data.batch_size")
-    mixing = [k for k in ("trainer.mixup_alpha", "trainer.cutmix_alpha") if _positive(cfg, k)]
+    mixing = [k for k in MIXING_KEYS if _mixes(cfg, k)]
     if mixing and _is_int(batch) and batch % 2 and _get(cfg, "task.name") == "train":
         problems.append(
-            f"{mixing[0]}={_get(cfg, mixing[0])} mixes a batch with its mirror and needs an even "
-            f"data.batch_size, not {batch}; e.g. data.batch_size={batch + 1}"
+            f"{mixing[0]}={_plain_value(_get(cfg, mixing[0]))} mixes a batch with its mirror "
+            f"and needs an even data.batch_size, not {batch}; e.g. data.batch_size={batch + 1}"
         )
     milestones, warmup = _get(cfg, "sched.milestones"), _get(cfg, "sched.warmup_epochs")
     if milestones is not _ABSENT:
@@ -499,6 +564,24 @@ def _between_keys(cfg: DictConfig) -> list[str]:
                 f"{warmup}); the LR decays after it: lower the warmup or move the milestones"
             )
     return problems
+
+
+# keys that turn mixup / cutmix on: the mixup block's, and the old trainer names given a value
+MIXING_KEYS = (
+    "trainer.mixup_alpha",
+    "trainer.cutmix_alpha",
+    "mixup.mixup_alpha",
+    "mixup.cutmix_alpha",
+    "mixup.cutmix_minmax",
+)
+
+
+def _mixes(cfg: DictConfig, key: str) -> bool:
+    if _legacy_alias(cfg, key):
+        return False
+    if key.endswith("minmax"):
+        return _get(cfg, key) not in (_ABSENT, None)
+    return _positive(cfg, key)
 
 
 def _positive(cfg: DictConfig, key: str) -> bool:
@@ -552,12 +635,15 @@ def _key_problems(cfg: DictConfig, targets: dict[str, Callable]) -> list[str]:
     trainer = OmegaConf.select(cfg, "trainer")
     if isinstance(trainer, DictConfig) and _get(cfg, "task.name") == "train":
         from engine.loop import TrainerOptions, fit
+        from engine.objective import LEGACY_KEYS
 
         # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer),
         # whose **trainer are TrainerOptions' fields
         params = inspect.signature(fit).parameters.values()
         late = {p.name: "built by the engine" for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
-        problems += _unbound("trainer", list(trainer), TrainerOptions, {**late, **FIT_LATE})
+        # the old names (engine/objective.py LEGACY_KEYS) are moved out before fit is called
+        keys = [k for k in trainer if f"trainer.{k}" not in LEGACY_KEYS]
+        problems += _unbound("trainer", keys, TrainerOptions, {**late, **FIT_LATE})
     return problems
 
 

@@ -2,8 +2,8 @@
 
 The parts it is made of, each with one job: TrainingState (engine/state.py: what a checkpoint
 holds), Guard (engine/guard.py: stop signals and non-finite updates), Checkpointer
-(engine/checkpointing.py: when the state is saved), the Objective (the losses and batch mixing)
-and the device helpers (engine/device.py). Per-step values stay on the device and are read back
+(engine/checkpointing.py: when the state is saved), the Objective (engine/objective.py: the
+losses and batch mixing) and the device helpers (engine/device.py). Per-step values stay on the device and are read back
 (a host-device sync) once per update by the guard, every `log_every` updates and at the end of an
 epoch. Under torchrun the model trains in DistributedDataParallel (engine/distributed.py) and
 the metrics are sums and means over processes.
@@ -18,8 +18,6 @@ from itertools import islice
 
 import torch
 from rich.progress import Progress
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -33,6 +31,7 @@ from engine.device import PRECISIONS, amp_dtype, autocast, memory_format, resolv
 from engine.guard import Guard
 from engine.logger import RunLogger
 from engine.metrics import correct_topk
+from engine.objective import Objective
 from engine.rng import seed_everything
 from engine.schedules import base_lr
 from engine.state import EpochProgress, TrainingState, new_best
@@ -55,49 +54,10 @@ class StepSettings:
     num_batches: int  # per epoch, after limit_train_batches
 
 
-@dataclass
-class Objective:
-    """What training optimises: the training loss, the evaluation loss, and batch mixing."""
-
-    train_loss: nn.Module
-    eval_loss: nn.Module
-    mixup: Mixup | None = None  # timm's Mixup: soft targets
-
-    def mix(self, images: torch.Tensor, targets: torch.Tensor):
-        return (images, targets) if self.mixup is None else self.mixup(images, targets)
-
-
-def trainer_objective(
-    label_smoothing: float,
-    mixup_alpha: float,
-    cutmix_alpha: float,
-    mixup_prob: float,
-    mixup_switch_prob: float,
-    num_classes: int | None,
-    batch_size: int,
-) -> Objective:
-    """The objective of the trainer.* keys: cross-entropy with label smoothing, or soft-target
-    cross-entropy when mixup / cutmix mix the batches (label smoothing then happens in Mixup)."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return Objective(
-            nn.CrossEntropyLoss(label_smoothing=label_smoothing), nn.CrossEntropyLoss()
-        )
-    if num_classes is None:
-        raise ValueError("mixup / cutmix need num_classes for their soft targets")
-    if batch_size % 2:
-        raise ValueError(
-            "mixup / cutmix mix a batch with its mirror and need an even batch size; "
-            f"data.batch_size={batch_size}"
-        )
-    mixup = Mixup(
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        prob=mixup_prob,
-        switch_prob=mixup_switch_prob,
-        label_smoothing=label_smoothing,
-        num_classes=num_classes,
-    )
-    return Objective(SoftTargetCrossEntropy(), nn.CrossEntropyLoss(), mixup)
+def plain_cross_entropy() -> Objective:
+    """The objective of a fit called without one (tools, tests): cross-entropy, no mixing."""
+    ce = nn.CrossEntropyLoss()
+    return Objective(ce, ce, None, "objective: cross-entropy; mixup/cutmix off")
 
 
 class UpdateSums:
@@ -295,15 +255,10 @@ class TrainerOptions:
     cudnn_benchmark: bool = True
     accum_steps: int = 1  # batches per update
     clip_grad_norm: float | None = None
-    label_smoothing: float = 0.0
     log_every: int = 10  # updates between train/loss records
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
     ema_decay: float | None = None  # timm's ModelEmaV3, evaluated beside the model
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
     eval_hflip: bool = False
     max_bad_steps: int | None = 10  # None: no non-finite check (one host sync less per update)
     checkpoint_every_updates: int | None = None
@@ -329,10 +284,6 @@ class TrainerOptions:
             num_batches=loader_batches if limit is None else min(limit, loader_batches),
         )
 
-    def objective(self, num_classes: int | None, batch_size: int) -> Objective:
-        mixing = (self.mixup_alpha, self.cutmix_alpha, self.mixup_prob, self.mixup_switch_prob)
-        return trainer_objective(self.label_smoothing, *mixing, num_classes, batch_size)
-
 
 def fit(
     model: nn.Module,
@@ -346,20 +297,23 @@ def fit(
     seed: int = 0,
     num_classes: int | None = None,
     resume: dict | None = None,
+    objective: Objective | None = None,
     **trainer,
 ) -> dict:
     """Train for trainer.epochs, evaluating and checkpointing after each; returns the final metrics.
 
-    `trainer`: conf/trainer's keys (TrainerOptions). `resume`: a loaded checkpoint; training goes
-    on as if it had not stopped (exactly, on the CPU with num_workers=0). The saver's best_metric
-    and best_mode choose best.pt.
+    `trainer`: conf/trainer's keys (TrainerOptions). `objective` (engine/objective.py, the loss
+    and mixup config): the losses and batch mixing; None: plain cross-entropy. `resume`: a loaded
+    checkpoint; training goes on as if it had not stopped (exactly, on the CPU with
+    num_workers=0). The saver's best_metric and best_mode choose best.pt. `num_classes` is taken
+    for callers of before; the objective holds the class count now.
     """
     options = TrainerOptions(**trainer)
     run = options.settings(len(train_loader))
     torch.backends.cudnn.benchmark = (
         options.cudnn_benchmark
     )  # fastest conv algorithms, fixed shapes
-    objective = options.objective(num_classes, train_loader.batch_size)
+    objective = (objective or plain_cross_entropy()).to(run.device)
     if distributed.rank() > 0:
         # its own augmentation and mixup draws; the weights come from rank 0 (DDP broadcasts them)
         seed_everything(seed + distributed.rank())

@@ -8,15 +8,22 @@ from tests.helpers import TINY, composed, run_py
 
 
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory) -> Path:
-    """The folder of `python run.py` with no arguments (W&B offline), made once per session.
+def default_command(tmp_path_factory):
+    """(run folder, finished process) of `python run.py` with no arguments (W&B offline), made
+    once per session: the default run trains for about a minute, so it trains once.
 
     Read-only, as tiny_run: test_default_run.py checks it, test_analysis_cam.py explains it.
     """
     cwd = tmp_path_factory.mktemp("user")
-    run_py(cwd=cwd)
+    proc = run_py(cwd=cwd)
     (run_dir,) = (cwd / "outputs").glob("*/*")  # outputs/<date>/<time>
-    return run_dir
+    return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def default_run(default_command) -> Path:
+    """The folder of the default run (default_command)."""
+    return default_command[0]
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,11 @@ from data.loaders import make_loaders
 from data.transforms import image_transforms
 from engine.checkpoint import CheckpointSaver
 from engine.loop import TrainerOptions
+from engine.objective import LEGACY_KEYS
 from tests.helpers import REPO, RUN_PY, clean_env
 
 CONF = REPO / "conf"
-GROUPS = ["model", "data", "optim", "sched", "trainer", "logger", "task"]
+GROUPS = ["model", "data", "optim", "sched", "trainer", "loss", "logger", "task"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 FOLD_KEYS = ("fold", "num_folds", "fold_seed")  # conf/config.yaml, for every dataset
@@ -128,7 +129,15 @@ def check_group(cfg, group: str) -> None:
         target, keys = target_keys(node)
         bind(target, keys, late=("optimizer", "total_steps", "steps_per_epoch"))
     elif group == "trainer":
-        bind(TrainerOptions, OmegaConf.to_container(node))  # fit's **trainer
+        # the old names of loss and mixup keys are moved out before fit sees the rest
+        keys = {k: v for k, v in node.items() if f"trainer.{k}" not in LEGACY_KEYS}
+        bind(TrainerOptions, keys)  # fit's **trainer
+    elif group == "loss":
+        target, keys = target_keys(node)
+        bind(target, keys, late=("num_classes", "class_stats", "soft_targets", "multi_label"))
+        # the mixup block goes with it: timm's Mixup, label smoothing from the loss
+        target, keys = target_keys(cfg.mixup)
+        bind(target, keys, late=("label_smoothing", "num_classes", "multi_label"))
     elif group == "task":
         keys = OmegaConf.to_container(node)
         keys.pop("name")

@@ -21,20 +21,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def default_command(tmp_path_factory):
-    """(run folder, finished process) of `python run.py`."""
-    cwd = tmp_path_factory.mktemp("user")
-    proc = run_py(cwd=cwd)
-    (run_dir,) = (cwd / "outputs").glob("*/*")  # outputs/<date>/<time>
-    return run_dir, proc
-
-
-@pytest.fixture(scope="module")
-def default_run(default_command):
-    return default_command[0]
-
-
 def test_terminal_shows_the_config_once_and_paths_whole(default_command):
     run_dir, proc = default_command
     assert proc.stdout.count("\nconfig\n") == 1 and "├── model" in proc.stdout

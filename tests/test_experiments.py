@@ -68,7 +68,7 @@ def test_recipe_trains_a_few_steps(name, image_root, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, mmap=True)
     assert ckpt["class_names"] and ckpt["step"] == 2
     # the recipe's own settings reached the run
-    for key in ("model.name", "optim.lr", "optim.weight_decay", "trainer.label_smoothing"):
+    for key in ("model.name", "optim.lr", "optim.weight_decay", "loss.label_smoothing"):
         assert OmegaConf.select(OmegaConf.create(ckpt["config"]), key) == OmegaConf.select(
             recipe, key
         )

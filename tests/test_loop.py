@@ -1,5 +1,6 @@
 """The loop's options do what their names say, on a model small enough to reason about."""
 
+import math
 import re
 
 import pytest
@@ -13,13 +14,17 @@ from data.loaders import make_loaders
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
 from engine.loop import fit
+from engine.objective import build_objective
 from engine.schedules import cosine
 from tests.helpers import TINY, read_jsonl, records_of, run_py, wandb_records, wandb_runs
 from tests.test_config import composed
 
 
-def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **trainer):
-    """One epoch of a linear model (or, with `images`, a small conv net) on random data."""
+def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, loss=(), **trainer):
+    """One epoch of a linear model (or, with `images`, a small conv net) on random data.
+
+    `loss`: overrides of conf/'s loss and mixup keys: the objective is built as run.py builds it.
+    """
     torch.manual_seed(0)
     shape = (3, 8, 8) if images else (4,)
     data = Splits(
@@ -56,6 +61,9 @@ def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **
             num_classes=3,
             log_every=1,
             limit_train_batches=limit_train_batches,
+            objective=build_objective(
+                composed(*loss), data.train, num_classes=3, batch_size=batch_size
+            ),
             **trainer,
         )
     return model, read_jsonl(tmp_path), initial
@@ -97,7 +105,11 @@ def test_precision_and_memory_format_options_train_on_cpu(tmp_path, options):
 def test_label_smoothing_raises_the_loss_of_confident_predictions(tmp_path):
     _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
     _, smooth, _ = train(
-        tmp_path / "smooth", batch_size=16, limit_train_batches=1, lr=0.0, label_smoothing=0.5
+        tmp_path / "smooth",
+        batch_size=16,
+        limit_train_batches=1,
+        lr=0.0,
+        loss=["loss.label_smoothing=0.5"],
     )
     # same weights (lr 0), same batch: only the target distribution differs
     assert plain[0]["train/loss"] != smooth[0]["train/loss"]
@@ -150,12 +162,18 @@ def test_ema_is_evaluated_beside_the_model_and_best_takes_the_better(tmp_path):
 def test_mixup_trains_on_soft_targets(tmp_path):
     _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
     _, mixed, _ = train(
-        tmp_path / "mixed", batch_size=16, limit_train_batches=1, lr=0.0, mixup_alpha=1.0
+        tmp_path / "mixed",
+        batch_size=16,
+        limit_train_batches=1,
+        lr=0.0,
+        loss=["mixup.mixup_alpha=1.0"],
     )
     # same weights (lr 0) and batch: only the mixing changes the loss
     assert plain[0]["train/loss"] != mixed[0]["train/loss"]
     with pytest.raises(ValueError, match=r"even batch size; data\.batch_size=15"):
-        train(tmp_path / "odd", batch_size=15, limit_train_batches=1, mixup_alpha=1.0)
+        train(
+            tmp_path / "odd", batch_size=15, limit_train_batches=1, loss=["mixup.mixup_alpha=1.0"]
+        )
 
 
 @pytest.mark.parametrize("metric, mode", [("val/loss", "min"), ("val/acc1", "max")])
@@ -239,3 +257,20 @@ def test_an_update_reads_the_device_back_once(tmp_path, monkeypatch):
             return len(reads)
 
     assert syncs(8) - syncs(4) == 4
+
+
+@pytest.mark.parametrize("loss, first_loss", [("ce", math.log(10)), ("bce", math.log(2))])
+def test_build_training_trains_with_the_configured_objective(tmp_path, loss, first_loss):
+    from engine import build
+
+    tiny_model = ["model=speednet", "model.widths=[4,4,4]", "model.stem_width=4"]
+    cfg = composed(*TINY, *tiny_model, f"loss={loss}", "loss.class_weight=auto", "logger=none")
+    cfg.trainer.epochs = 1
+    run = build.training(cfg, tmp_path)  # as run.py builds a run
+    assert f"loss={loss}" in run.objective.describe()
+    with run.logger() as logger:
+        run.fit(logger, run.saver(logger))
+    # SpeedNet's logits start near 0: ln(10) per image for 10-class cross-entropy, ln(2) per
+    # class for binary cross-entropy (digits are balanced: auto weights are all 1)
+    first = next(r["train/loss"] for r in read_jsonl(tmp_path) if "train/loss" in r)
+    assert first == pytest.approx(first_loss, abs=0.1)
