@@ -28,55 +28,40 @@ def train(cfg: DictConfig) -> float:
     from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_config_tree, print_summary
-    from engine.loop import fit, resolve_device
-    from engine.rng import seed_everything
     from engine.runinfo import write_run_info
 
+    build.upgrade_config(cfg)  # old loss and mixup keys move to loss.* and mixup.*
     check_config(cfg)  # a bad key, value or _target_ fails here, before anything is built
     distributed.check_started()
     main_process = distributed.is_main()  # under torchrun, rank 0 alone prints and writes
     cfg, run_dir, resume = build.resolve_run(cfg)
-    seed_everything(cfg.seed)
-    splits, train_loader, val_loader = build.build_data(cfg)
-    model = build.build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
-    optimizer = build.build_optimizer(cfg, model)
-    scheduler = build.build_scheduler(cfg, optimizer, build.updates_per_epoch(cfg, train_loader))
+    run = build.training(cfg, run_dir, resume)
     if main_process:  # everything is built: this run starts, and its folder is written
         print_config_tree(cfg)
         write_run_info(run_dir, build.plain(cfg))
 
-    with build.build_logger(cfg, run_dir, resume) as logger:
-        saver = build.build_saver(cfg, run_dir, splits, logger.run_id)
-        size = model_complexity(model, tuple(splits.val[0][0].shape))  # one image, as loaded
+    with run.logger() as logger:
+        saver = run.saver(logger)
+        size = model_complexity(
+            run.model, tuple(run.splits.val[0][0].shape)
+        )  # one image, as loaded
         logger.summary({"model/params_m": size["params"] / 1e6, "model/gmacs": size["macs"] / 1e9})
-        result = fit(
-            model,
-            train_loader,
-            val_loader,
-            optimizer,
-            scheduler,
-            logger,
-            saver,
-            seed=cfg.seed,
-            num_classes=len(splits.classes),
-            resume=resume,
-            **cfg.trainer,
-        )
+        result = run.fit(logger, saver)
         if cfg.logger.log_best_checkpoint:
             best = {k: v for k, v in result.items() if k.startswith("best/")}
             logger.log_checkpoint(saver.best, name=f"model-{logger.run_id}", metadata=best)
     if main_process:
         print_summary(f"run finished: {run_dir}", {**result, "best checkpoint": saver.best})
     distributed.barrier()  # the processes finish a job together (the next multirun job starts)
-    return result["best/val/acc1"]
+    return result[f"best/{result['best/metric']}"]  # checkpoint.best_metric
 
 
 def evaluate(cfg: DictConfig) -> float:
     from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_summary
+    from engine.device import resolve_device
     from engine.evaluate import evaluate_model, gather_shares, write_results
-    from engine.loop import resolve_device
     from engine.predict import load_trained
     from engine.runinfo import write_run_info
 
@@ -112,7 +97,7 @@ def predict(cfg: DictConfig) -> None:
 
     from engine import distributed
     from engine.checks import check_config
-    from engine.loop import resolve_device
+    from engine.device import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
 
     distributed.require_one_process("predict")  # how it was launched, before what it was given
@@ -149,7 +134,7 @@ def export(cfg: DictConfig) -> None:
 def serve(cfg: DictConfig) -> None:
     from engine import distributed
     from engine.checks import check_config
-    from engine.loop import resolve_device
+    from engine.device import resolve_device
     from engine.predict import Classifier
     from engine.serve import serve as serve_http
 

@@ -78,7 +78,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from analysis.cli import no_run_folder
-from engine.distributed import NullLogger, NullSaver
+from engine.checkpoint import NullSaver
+from engine.logger import NullLogger
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,10 @@ def benchmark(
             f"benchmark.steps={steps} and benchmark.repeats={repeats} must be 1 or more, "
             f"benchmark.warmup={warmup} 0 or more"
         )
+    from engine.build import upgrade_config
     from engine.checks import check_config
 
+    upgrade_config(cfg)  # old loss and mixup keys move to loss.* and mixup.*, as in run.py
     check_config(cfg)  # as run.py does first: a bad key or value fails before anything is built
     options = {"mode": mode, "steps": steps, "repeats": repeats, "warmup": warmup}
     if mode == "train":
@@ -160,12 +163,13 @@ def benchmark(
 def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, called: float):
     """mode=train: fit, the bare loop, inference; the module docstring says what each times."""
     from engine import build
-    from engine.loop import PRECISIONS, fit, resolve_device
+    from engine.device import PRECISIONS, resolve_device
     from engine.rng import seed_everything
 
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
-    splits, train_loader, val_loader = build.build_data(cfg)
+    data = build.build_data(cfg)  # first: the run's length is cut to the loader's
+    splits, train_loader, val_loader = data
     notes = []
     steps = _steps_per_epoch(steps, train_loader, notes)
     # the benchmarked run: warm-up + repeats epochs of `steps` batches, one val batch each
@@ -177,11 +181,10 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
     amp_dtype = PRECISIONS.get(cfg.trainer.precision)  # fit itself rejects an unknown one
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
 
-    # (a) the engine: built as run.py builds it, trained by fit itself
-    model = build.build_model(cfg, splits).to(device)
+    # (a) the engine: built as run.py builds it (build.training), trained by fit itself
+    run = build.training(cfg, data=data)
+    model, optimizer = run.model, run.optimizer
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    optimizer = build.build_optimizer(cfg, model)
-    scheduler = build.build_scheduler(cfg, optimizer, updates)
     first_step = {}
 
     def on_step(opt, args, kwargs):
@@ -193,20 +196,8 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
     engine_clock = _StepClock(lambda: logger.epochs)
     hooks = [optimizer.register_step_post_hook(h) for h in (on_step, engine_clock)]
     memory = _MemoryProbe(device)
-    with logger:
-        fit(
-            model,
-            train_loader,
-            val_loader,
-            optimizer,
-            scheduler,
-            logger,
-            NullSaver(Path(tempfile.gettempdir()) / "benchmark-checkpoints"),  # writes nothing
-            seed=cfg.seed,
-            num_classes=len(splits.classes),
-            resume=None,
-            **cfg.trainer,
-        )
+    with logger:  # a saver that writes nothing
+        run.fit(logger, NullSaver(Path(tempfile.gettempdir()) / "benchmark-checkpoints"))
     engine_memory = memory.peak_mb()
     for hook in hooks:
         hook.remove()
@@ -217,7 +208,7 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
             "the benchmark reads each epoch's training time from that key"
         )
     engine_rates = [steps * batch / s for s in epochs[warmup:]]
-    del model, optimizer, scheduler
+    del run, model, optimizer
     _free(device)
 
     # (b) the bare loop, on a fresh copy of the engine's initial model, right after (a): on a
@@ -228,7 +219,7 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
     bare_optimizer = build.build_optimizer(cfg, bare)
     bare_clock = _StepClock()
     bare_optimizer.register_step_post_hook(bare_clock)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
     step = _bare_step(bare, bare_optimizer, criterion, amp_dtype, device, cfg.trainer)
     one_epoch = _train_pass(train_loader, steps, cfg.seed, device, memory_format, step, bare_clock)
     bare_rates, bare_memory = _timed(one_epoch, warmup, repeats, device)
@@ -288,7 +279,7 @@ def data_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, compa
     """mode=data: images/s of the train loader moving batches to the device; with `compare`,
     of the bare training step on one batch already there, and a verdict."""
     from engine import build
-    from engine.loop import PRECISIONS, resolve_device
+    from engine.device import PRECISIONS, resolve_device
     from engine.rng import seed_everything
 
     device = resolve_device(cfg.trainer.device)
@@ -318,7 +309,7 @@ def data_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, compa
     model = build.build_model(cfg, splits).to(device, memory_format=memory_format)
     optimizer = build.build_optimizer(cfg, model)
     result["run"] = _run_facts(cfg, splits, steps, None, model, optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
     amp_dtype = PRECISIONS.get(cfg.trainer.precision)
     step = _bare_step(model, optimizer, criterion, amp_dtype, device, cfg.trainer)
     images, targets = next(iter(train_loader))
@@ -650,8 +641,8 @@ def _train_notes(cfg: DictConfig) -> list[str]:
     t = cfg.trainer
     extra = {
         "ema_decay": t.get("ema_decay") is not None,
-        "mixup_alpha / cutmix_alpha": (t.get("mixup_alpha") or 0) > 0
-        or (t.get("cutmix_alpha") or 0) > 0,
+        "mixup.mixup_alpha / cutmix_alpha": (cfg.mixup.get("mixup_alpha") or 0) > 0
+        or (cfg.mixup.get("cutmix_alpha") or 0) > 0,
         "clip_grad_norm": t.get("clip_grad_norm") is not None,
         "accum_steps": (t.get("accum_steps") or 1) > 1,
     }

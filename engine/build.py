@@ -6,7 +6,7 @@ Everything below hands plain keyword arguments or built objects to models/, data
 import logging
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,9 +23,11 @@ from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
 from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint, checks, distributed, errors
-from engine.checkpoint import CheckpointSaver
-from engine.logger import RunLogger
-from engine.loop import resolve_device
+from engine.checkpoint import CheckpointSaver, NullSaver
+from engine.device import resolve_device
+from engine.logger import NullLogger, RunLogger
+from engine.objective import Objective, build_objective, upgrade_legacy_keys
+from engine.rng import seed_everything
 from models.timm_models import preprocessing
 
 log = logging.getLogger(__name__)
@@ -66,26 +68,7 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     if resume is None:
         return cfg, hydra_dir, None
     if resume == "auto":
-        # rank 0's pick: every process of a data-parallel run loads the same checkpoint
-        found = refused = None
-        if distributed.is_main():
-            try:
-                found = checkpoint.find_latest(hydra_dir / "checkpoints")
-            except checkpoint.NoValidCheckpoint as err:
-                refused = str(err)
-        found, refused = distributed.from_main((found, refused))
-        if refused:
-            raise ValueError(
-                f"resume=auto: {refused}\nResume from another checkpoint "
-                "(resume=<checkpoint file>), or start a fresh run with resume=null"
-            )
-        if found is None:
-            if not errors.holds_only_hydra_files(hydra_dir, HydraConfig.get().job.name):
-                # a folder used before (a requeued job, a fixed hydra.run.dir): worth a line;
-                # a new run's new folder starts fresh by definition
-                log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
-            return cfg, hydra_dir, None
-        return cfg, hydra_dir, _load_for_resume(found)
+        return cfg, hydra_dir, _resume_auto(hydra_dir)
     path = Path(str(resume)).expanduser()
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -110,11 +93,45 @@ def resolve_run(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     state = _load_for_resume(path)
     checks.check_saved_config(state["config"], path)
     saved = OmegaConf.create(state["config"])
+    upgrade_config(saved)  # a run saved before conf/loss/ and the mixup block
     _apply_overrides(saved, HydraConfig.get().overrides.task)
+    upgrade_config(saved)  # trainer.label_smoothing=... given on this command line
     saved.resume = str(path)
     checks.check_config(saved)  # the checkpoint's config is a file's content: check it as well
     log.info("resuming %s: the run continues in %s", path, path.parent.parent)
     return saved, path.parent.parent, state
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """Move the keys of before (trainer.label_smoothing, trainer.mixup_alpha, ...) to their new
+    places (engine/objective.py), saying so in the log: for composed and saved configs alike."""
+    for message in upgrade_legacy_keys(cfg):
+        log.warning(message)
+    return cfg
+
+
+def _resume_auto(hydra_dir: Path) -> dict | None:
+    """resume=auto: the newest valid checkpoint of this run's folder, loaded; None if it has none."""
+    # rank 0's pick: every process of a data-parallel run loads the same checkpoint
+    found = refused = None
+    if distributed.is_main():
+        try:
+            found = checkpoint.find_latest(hydra_dir / "checkpoints")
+        except checkpoint.NoValidCheckpoint as err:
+            refused = str(err)
+    found, refused = distributed.from_main((found, refused))
+    if refused:
+        raise ValueError(
+            f"resume=auto: {refused}\nResume from another checkpoint "
+            "(resume=<checkpoint file>), or start a fresh run with resume=null"
+        )
+    if found is None:
+        if not errors.holds_only_hydra_files(hydra_dir, HydraConfig.get().job.name):
+            # a folder used before (a requeued job, a fixed hydra.run.dir): worth a line;
+            # a new run's new folder starts fresh by definition
+            log.info("resume=auto: no checkpoint in %s, starting fresh", hydra_dir)
+        return None
+    return _load_for_resume(found)
 
 
 def _load_for_resume(path: Path) -> dict:
@@ -199,6 +216,82 @@ def _say_which_data(trained_on: dict, used: dict, chosen: bool) -> None:
             data_name(used),
             data_name(trained_on),
         )
+
+
+@dataclass
+class Training:
+    """Everything `engine.loop.fit` needs, built from a composed config by `training(cfg)`.
+
+    The logger and saver are made when the run starts (`logger()`, `saver(logger)`): the W&B
+    run and the checkpoint folder appear only once everything else was built.
+    """
+
+    cfg: DictConfig
+    run_dir: Path | None  # None: nothing is written (a null logger and saver)
+    resume: dict | None  # a loaded checkpoint to continue from
+    splits: Splits
+    model: nn.Module
+    train_loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    objective: Objective  # the losses and batch mixing (conf/loss/, the mixup block)
+
+    def logger(self, job_type: str = "train"):
+        """W&B and metrics.jsonl (a context manager); a null logger without a run folder."""
+        if self.run_dir is None:
+            return NullLogger()
+        return build_logger(self.cfg, self.run_dir, self.resume, job_type)
+
+    def saver(self, logger):
+        """The checkpoint saver, which stores the logger's W&B run id for resuming."""
+        if self.run_dir is None:
+            best = {k: self.cfg.checkpoint[k] for k in ("best_metric", "best_mode")}
+            return NullSaver(Path("checkpoints"), **best)
+        return build_saver(self.cfg, self.run_dir, self.splits, logger.run_id)
+
+    def fit(self, logger, saver, **trainer) -> dict:
+        """engine.loop.fit of these objects with cfg.trainer's keys (`trainer` overrides some)."""
+        from engine.loop import fit
+
+        return fit(
+            self.model,
+            self.train_loader,
+            self.val_loader,
+            self.optimizer,
+            self.scheduler,
+            logger,
+            saver,
+            seed=self.cfg.seed,
+            num_classes=len(self.splits.classes),
+            resume=self.resume,
+            objective=self.objective,
+            **{**self.cfg.trainer, **trainer},
+        )
+
+
+def training(
+    cfg: DictConfig, run_dir: Path | None = None, resume: dict | None = None, data=None
+) -> Training:
+    """The data, model, optimizer and LR schedule of a composed (and checked) config, seeded by
+    cfg.seed first, so that the initial weights and the data order follow from it.
+
+    `run_dir`: where the logger and saver write (None: nowhere). `data`: build_data(cfg)'s
+    (splits, train loader, val loader) when the caller needed them first (the benchmark sizes
+    its run by the loader).
+    """
+    upgrade_config(cfg)  # a config not yet upgraded (tools, tests): old loss/mixup keys moved
+    seed_everything(cfg.seed)
+    splits, train_loader, val_loader = data or build_data(cfg)
+    model = build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch(cfg, train_loader))
+    objective = build_objective(
+        cfg, splits.train, num_classes=len(splits.classes), batch_size=cfg.data.batch_size
+    )
+    log.info(objective.describe())
+    parts = (splits, model, train_loader, val_loader, optimizer, scheduler, objective)
+    return Training(cfg, run_dir, resume, *parts)
 
 
 def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
@@ -346,8 +439,10 @@ def build_logger(
 
 
 def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) -> CheckpointSaver:
-    if not distributed.is_main():
-        return distributed.NullSaver(run_dir / "checkpoints")  # rank 0 writes the checkpoints
+    if not distributed.is_main():  # rank 0 writes the checkpoints; every process chooses best
+        metric, mode = cfg.checkpoint.get("best_metric"), cfg.checkpoint.get("best_mode")
+        best = {"best_metric": metric or "val/acc1", "best_mode": mode or "max"}  # older configs
+        return NullSaver(run_dir / "checkpoints", **best)
     # what predict, serve and export need besides the weights: nothing else is read
     metadata = {
         "config": plain(cfg),

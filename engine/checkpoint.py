@@ -216,6 +216,23 @@ def remove_temporary_files(folder: Path) -> list[Path]:
     return leftovers
 
 
+# checkpoint.best_metric: what evaluate() reports, under val/ (the model's or its EMA's, whichever
+# is better); checkpoint.best_mode: whether higher (max) or lower (min) is better
+BEST_METRICS = ("val/acc1", "val/acc5", "val/loss")
+BEST_MODES = ("max", "min")
+
+
+def check_best(best_metric: str, best_mode: str) -> None:
+    if best_metric not in BEST_METRICS:
+        raise ValueError(
+            f"checkpoint.best_metric={best_metric!r} must be one of {', '.join(BEST_METRICS)}"
+        )
+    if best_mode not in BEST_MODES:
+        raise ValueError(
+            f"checkpoint.best_mode={best_mode!r} must be max or min (val/loss: min, accuracy: max)"
+        )
+
+
 class CheckpointSaver:
     """Saves the training state and keeps `last`, `best` and the last `keep_last` epochs.
 
@@ -243,6 +260,8 @@ class CheckpointSaver:
         folder: Path,
         keep_last: int = 3,
         best_weights_only: bool = False,
+        best_metric: str = "val/acc1",
+        best_mode: str = "max",
         metadata: dict | None = None,
     ):
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0:
@@ -251,8 +270,11 @@ class CheckpointSaver:
             raise ValueError(
                 f"checkpoint.best_weights_only={best_weights_only!r} must be true or false"
             )
+        check_best(best_metric, best_mode)
         self.folder = Path(folder)
         self.keep_last = keep_last
+        # which epoch best.pt holds: the one with the highest (max) or lowest (min) best_metric
+        self.best_metric, self.best_mode = best_metric, best_mode
         self.best_weights_only = best_weights_only
         self.metadata = metadata or {}  # config, class names, W&B run id: stored in every file
         remove_temporary_files(self.folder)
@@ -302,6 +324,23 @@ class CheckpointSaver:
         for path in old:
             if path != newest or self.keep_last == 0:
                 path.unlink(missing_ok=True)
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"
+
+
+class NullSaver:
+    """CheckpointSaver's calls, writing nothing: what ranks other than 0 save with (rank 0 writes
+    the checkpoints), and tools (the benchmark) that keep no checkpoints."""
+
+    def __init__(self, folder: Path, best_metric: str = "val/acc1", best_mode: str = "max"):
+        check_best(best_metric, best_mode)
+        self.folder = Path(folder)
+        self.best_metric, self.best_mode = best_metric, best_mode  # every process chooses best
+
+    def save(self, state: dict, epoch: int, is_best: bool, batches: int | None = None) -> Path:
+        return self.folder / checkpoint_name(epoch, batches)
 
     @property
     def best(self) -> Path:

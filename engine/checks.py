@@ -92,7 +92,7 @@ LATE_ARGUMENTS = {
         "eval_transform": "data.transform",
     },
 }
-# engine.loop.fit's arguments run.py fills from elsewhere than cfg.trainer
+# engine.loop.fit's arguments run.py fills from elsewhere than cfg.trainer (TrainerOptions)
 FIT_LATE = {"seed": "the top-level seed", "num_classes": "the dataset", "resume": "resume=..."}
 
 
@@ -349,9 +349,15 @@ def _legacy_alias(cfg: DictConfig, key: str) -> bool:
 
 
 def _precisions() -> tuple:
-    from engine.loop import PRECISIONS
+    from engine.device import PRECISIONS
 
     return tuple(PRECISIONS)
+
+
+def _best(kind: str) -> tuple:
+    from engine import checkpoint
+
+    return getattr(checkpoint, f"BEST_{kind}")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -456,6 +462,8 @@ VALUES = {
     "sched.decay_rate": _number(0, example=0.1, open_low=True),
     "sched.power": _number(0, example=1.0),
     "checkpoint.keep_last": _whole(0, 3),
+    "checkpoint.best_metric": _choice(lambda: _best("METRICS"), "val/loss"),
+    "checkpoint.best_mode": _choice(lambda: _best("MODES"), "min"),
     "task.topk": _whole(1, 5),
     "task.batch_size": _whole(1, 32),
     "task.port": (lambda v: _is_int(v) and 0 <= v <= 65535, "a port number 0..65535", 8000),
@@ -626,15 +634,16 @@ def _key_problems(cfg: DictConfig, targets: dict[str, Callable]) -> list[str]:
         problems += _unbound(path, keys, func, LATE_ARGUMENTS.get(path, {}))
     trainer = OmegaConf.select(cfg, "trainer")
     if isinstance(trainer, DictConfig) and _get(cfg, "task.name") == "train":
-        from engine.loop import fit
+        from engine.loop import TrainerOptions, fit
         from engine.objective import LEGACY_KEYS
 
-        # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer)
+        # fit(model, loaders, ..., seed=cfg.seed, num_classes=..., resume=..., **cfg.trainer),
+        # whose **trainer are TrainerOptions' fields
         params = inspect.signature(fit).parameters.values()
-        late = {p.name: "built by the engine" for p in params if p.kind is not p.KEYWORD_ONLY}
+        late = {p.name: "built by the engine" for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
         # the old names (engine/objective.py LEGACY_KEYS) are moved out before fit is called
         keys = [k for k in trainer if f"trainer.{k}" not in LEGACY_KEYS]
-        problems += _unbound("trainer", keys, fit, {**late, **FIT_LATE})
+        problems += _unbound("trainer", keys, TrainerOptions, {**late, **FIT_LATE})
     return problems
 
 

@@ -17,12 +17,15 @@ import logging
 import os
 from contextlib import nullcontext
 from datetime import datetime
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+# what the processes other than rank 0 log and save with; they live beside the real ones
+from engine.checkpoint import NullSaver  # noqa: F401
+from engine.logger import NullLogger  # noqa: F401
 
 # rank 0's start time as <date>/<time>, handed to every rank: hydra.run.dir and hydra.sweep.dir
 # in conf/config.yaml read it, so all processes of a run write to one folder
@@ -255,46 +258,3 @@ def gather_to_main(obj) -> list | None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
-
-
-class NullLogger:
-    """What ranks other than 0 log with: RunLogger's calls, recording nothing."""
-
-    run_id = None
-
-    def log(self, metrics: dict, step: int) -> None:
-        pass
-
-    def summary(self, values: dict) -> None:
-        pass
-
-    def log_checkpoint(self, path: Path, name: str, metadata: dict) -> None:
-        pass
-
-    def log_evaluation(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self, failed: bool = False) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return False
-
-
-class NullSaver:
-    """What ranks other than 0 save checkpoints with: rank 0 writes them."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def save(self, state: dict, epoch: int, is_best: bool, batches: int | None = None) -> Path:
-        from engine.checkpoint import checkpoint_name
-
-        return self.folder / checkpoint_name(epoch, batches)
-
-    @property
-    def best(self) -> Path:
-        return self.folder / "best.pt"

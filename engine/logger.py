@@ -176,3 +176,31 @@ def _decode(record: dict) -> dict:
     for key, name in non_finite.items():
         record[key] = float(name)  # float() reads NaN, Infinity, -Infinity
     return record
+
+
+class NullLogger:
+    """RunLogger's calls, recording nothing: what ranks other than 0 log with, and tools (the
+    benchmark) that keep no metrics files."""
+
+    run_id = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, name: str, metadata: dict) -> None:
+        pass
+
+    def log_evaluation(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return False

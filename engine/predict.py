@@ -120,8 +120,9 @@ def describe_run(run_dir: Path) -> str:
     done = max((r["epoch"] for r in records if "epoch" in r), default=0)
     words.append(f"{done}/{epochs} epochs")
     best = next((r["summary"] for r in reversed(records) if "summary" in r), {})
-    if isinstance(best.get("best/val/acc1"), int | float):
-        words.append(f"best val/acc1 {best['best/val/acc1']:.2f}")
+    metric = best.get("best/metric", "val/acc1")  # the run's checkpoint.best_metric
+    if isinstance(best.get(f"best/{metric}"), int | float):
+        words.append(f"best {metric} {best[f'best/{metric}']:.2f}")
     return ", ".join(words)
 
 

@@ -15,7 +15,7 @@ from data.kfold import kfold
 from data.loaders import make_loaders
 from data.transforms import image_transforms
 from engine.checkpoint import CheckpointSaver
-from engine.loop import fit
+from engine.loop import TrainerOptions
 from engine.objective import LEGACY_KEYS
 from tests.helpers import REPO, RUN_PY, clean_env
 
@@ -131,7 +131,7 @@ def check_group(cfg, group: str) -> None:
     elif group == "trainer":
         # the old names of loss and mixup keys are moved out before fit sees the rest
         keys = {k: v for k, v in node.items() if f"trainer.{k}" not in LEGACY_KEYS}
-        bind(fit, keys)
+        bind(TrainerOptions, keys)  # fit's **trainer
     elif group == "loss":
         target, keys = target_keys(node)
         bind(target, keys, late=("num_classes", "class_stats", "soft_targets", "multi_label"))

@@ -13,9 +13,6 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 
 from engine import build
-from engine.checkpoint import CheckpointSaver
-from engine.logger import RunLogger
-from engine.loop import fit
 from tests.helpers import REPO
 from tests.test_data import annotated, composed, write_image, write_mnist
 
@@ -109,25 +106,10 @@ def test_every_data_option_trains_a_few_steps(option, tmp_path, monkeypatch):
         "trainer.limit_val_batches=1",
         "sched.warmup_epochs=0",
     )
-    splits, train_loader, val_loader = build.build_data(cfg)
-    model = build.build_model(cfg, splits)
-    optimizer = build.build_optimizer(cfg, model)
-    scheduler = build.build_scheduler(cfg, optimizer, build.updates_per_epoch(cfg, train_loader))
-    saver = CheckpointSaver(
-        tmp_path / "checkpoints", metadata={"config": {}, "class_names": splits.classes}
-    )
-    with RunLogger(tmp_path, config={}) as logger:
-        result = fit(
-            model,
-            train_loader,
-            val_loader,
-            optimizer,
-            scheduler,
-            logger,
-            saver,
-            num_classes=len(splits.classes),
-            **cfg.trainer,
-        )
+    run = build.training(cfg, tmp_path)  # as run.py builds a run
+    splits = run.splits
+    with run.logger() as logger:
+        result = run.fit(logger, run.saver(logger))
     assert result["step"] == 2 and np.isfinite(result["train/epoch_loss"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["class_names"] == splits.classes and len(splits.classes) >= 2

@@ -1,5 +1,8 @@
 """The loop's options do what their names say, on a model small enough to reason about."""
 
+import math
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -11,13 +14,17 @@ from data.loaders import make_loaders
 from engine.checkpoint import CheckpointSaver
 from engine.logger import RunLogger
 from engine.loop import fit
+from engine.objective import build_objective
 from engine.schedules import cosine
 from tests.helpers import TINY, read_jsonl, records_of, run_py, wandb_records, wandb_runs
 from tests.test_config import composed
 
 
-def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **trainer):
-    """One epoch of a linear model (or, with `images`, a small conv net) on random data."""
+def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, loss=(), **trainer):
+    """One epoch of a linear model (or, with `images`, a small conv net) on random data.
+
+    `loss`: overrides of conf/'s loss and mixup keys: the objective is built as run.py builds it.
+    """
     torch.manual_seed(0)
     shape = (3, 8, 8) if images else (4,)
     data = Splits(
@@ -54,6 +61,9 @@ def train(tmp_path, *, batch_size, limit_train_batches, lr=0.5, images=False, **
             num_classes=3,
             log_every=1,
             limit_train_batches=limit_train_batches,
+            objective=build_objective(
+                composed(*loss), data.train, num_classes=3, batch_size=batch_size
+            ),
             **trainer,
         )
     return model, read_jsonl(tmp_path), initial
@@ -95,7 +105,11 @@ def test_precision_and_memory_format_options_train_on_cpu(tmp_path, options):
 def test_label_smoothing_raises_the_loss_of_confident_predictions(tmp_path):
     _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
     _, smooth, _ = train(
-        tmp_path / "smooth", batch_size=16, limit_train_batches=1, lr=0.0, label_smoothing=0.5
+        tmp_path / "smooth",
+        batch_size=16,
+        limit_train_batches=1,
+        lr=0.0,
+        loss=["loss.label_smoothing=0.5"],
     )
     # same weights (lr 0), same batch: only the target distribution differs
     assert plain[0]["train/loss"] != smooth[0]["train/loss"]
@@ -148,9 +162,115 @@ def test_ema_is_evaluated_beside_the_model_and_best_takes_the_better(tmp_path):
 def test_mixup_trains_on_soft_targets(tmp_path):
     _, plain, _ = train(tmp_path / "plain", batch_size=16, limit_train_batches=1, lr=0.0)
     _, mixed, _ = train(
-        tmp_path / "mixed", batch_size=16, limit_train_batches=1, lr=0.0, mixup_alpha=1.0
+        tmp_path / "mixed",
+        batch_size=16,
+        limit_train_batches=1,
+        lr=0.0,
+        loss=["mixup.mixup_alpha=1.0"],
     )
     # same weights (lr 0) and batch: only the mixing changes the loss
     assert plain[0]["train/loss"] != mixed[0]["train/loss"]
     with pytest.raises(ValueError, match=r"even batch size; data\.batch_size=15"):
-        train(tmp_path / "odd", batch_size=15, limit_train_batches=1, mixup_alpha=1.0)
+        train(
+            tmp_path / "odd", batch_size=15, limit_train_batches=1, loss=["mixup.mixup_alpha=1.0"]
+        )
+
+
+@pytest.mark.parametrize("metric, mode", [("val/loss", "min"), ("val/acc1", "max")])
+def test_best_follows_the_configured_metric_and_direction(tmp_path, metric, mode):
+    torch.manual_seed(0)
+    data = Splits(
+        train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+        val=TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))),
+        classes=["a", "b", "c"],
+        in_chans=4,
+    )
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)  # large: val/loss goes up and down
+    train_loader, val_loader = make_loaders(data, batch_size=8)
+    scheduler = cosine(optimizer, total_steps=40, steps_per_epoch=8, warmup_lr=2.0)
+    best = {"best_metric": metric, "best_mode": mode}
+    saver = CheckpointSaver(tmp_path / "checkpoints", metadata={"config": {}}, **best)
+    with RunLogger(tmp_path, config={}) as logger:
+        result = fit(
+            model, train_loader, val_loader, optimizer, scheduler, logger, saver,
+            epochs=5, device="cpu",
+        )  # fmt: skip
+    epochs = [r for r in read_jsonl(tmp_path) if "epoch" in r]
+    pick = min if mode == "min" else max
+    chosen = pick(epochs, key=lambda r: r[metric])  # the first of equals, as fit keeps it
+    assert result["best/epoch"] == chosen["epoch"] and result[f"best/{metric}"] == chosen[metric]
+    assert (result["best/metric"], result["best/mode"]) == (metric, mode)
+    saved = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert saved["epoch"] == chosen["epoch"] and saved["best"]["metric"] == metric
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.best_mode=lowest", "checkpoint.best_mode='lowest' must be one of max, min"),
+        ("checkpoint.best_metric=val/acc", "checkpoint.best_metric='val/acc' must be one of val/"),
+    ],
+)
+def test_a_bad_best_metric_or_direction_is_refused_before_anything_is_built(override, message):
+    from engine.checks import check_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(composed(override))
+    with pytest.raises(ValueError, match=r"checkpoint\.best_mode='up' must be max or min"):
+        CheckpointSaver("unused", best_mode="up")
+
+
+def test_an_update_reads_the_device_back_once(tmp_path, monkeypatch):
+    """The guard's verdict (non-finite check and stop signal) is the update's one host sync:
+    twice the updates, exactly one more read-back each (the epoch's own syncs are the same)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(updates: int) -> int:
+        torch.manual_seed(0)
+        data = Splits(
+            train=TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))),
+            val=TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))),
+            classes=["a", "b", "c"],
+            in_chans=4,
+        )
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_loader, val_loader = make_loaders(data, batch_size=4)
+        scheduler = cosine(optimizer, total_steps=16, steps_per_epoch=16)
+        folder = tmp_path / str(updates)
+        saver = CheckpointSaver(folder / "checkpoints", metadata={"config": {}})
+        with RunLogger(folder, config={}) as logger:
+            reads.clear()
+            fit(
+                model, train_loader, val_loader, optimizer, scheduler, logger, saver,
+                epochs=1, device="cpu", log_every=1000, limit_train_batches=updates,
+            )  # fmt: skip
+            return len(reads)
+
+    assert syncs(8) - syncs(4) == 4
+
+
+@pytest.mark.parametrize("loss, first_loss", [("ce", math.log(10)), ("bce", math.log(2))])
+def test_build_training_trains_with_the_configured_objective(tmp_path, loss, first_loss):
+    from engine import build
+
+    tiny_model = ["model=speednet", "model.widths=[4,4,4]", "model.stem_width=4"]
+    cfg = composed(*TINY, *tiny_model, f"loss={loss}", "loss.class_weight=auto", "logger=none")
+    cfg.trainer.epochs = 1
+    run = build.training(cfg, tmp_path)  # as run.py builds a run
+    assert f"loss={loss}" in run.objective.describe()
+    with run.logger() as logger:
+        run.fit(logger, run.saver(logger))
+    # SpeedNet's logits start near 0: ln(10) per image for 10-class cross-entropy, ln(2) per
+    # class for binary cross-entropy (digits are balanced: auto weights are all 1)
+    first = next(r["train/loss"] for r in read_jsonl(tmp_path) if "train/loss" in r)
+    assert first == pytest.approx(first_loss, abs=0.1)
