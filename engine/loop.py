@@ -310,9 +310,8 @@ def fit(
     """
     options = TrainerOptions(**trainer)
     run = options.settings(len(train_loader))
-    torch.backends.cudnn.benchmark = (
-        options.cudnn_benchmark
-    )  # fastest conv algorithms, fixed shapes
+    # fixed input shapes: let cuDNN time its algorithms once and keep the fastest
+    torch.backends.cudnn.benchmark = options.cudnn_benchmark
     objective = (objective or plain_cross_entropy()).to(run.device)
     if distributed.rank() > 0:
         # its own augmentation and mixup draws; the weights come from rank 0 (DDP broadcasts them)
