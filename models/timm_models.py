@@ -18,6 +18,8 @@ from timm.models import adapt_input_conv, clean_state_dict, group_parameters
 from timm.utils import freeze as freeze_modules
 from torch import nn
 
+from models import openmmlab
+
 log = logging.getLogger(__name__)
 
 LINEAR_PROBE = "backbone"  # model.freeze=backbone: everything but the classifier is frozen
@@ -182,8 +184,9 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         if path.suffix == ".safetensors":
             content = load_file(path)
         else:
-            # timm's train.py saves its arguments as an argparse.Namespace: data, not code
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            # timm's train.py saves its arguments as an argparse.Namespace: data, not code;
+            # OpenMMLab's meta may hold numpy scalars (openmmlab.safe_globals says which)
+            with torch.serialization.safe_globals([argparse.Namespace, *openmmlab.safe_globals()]):
                 content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         unsafe = _unsafe_globals(path)
@@ -202,6 +205,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
             "state dict (.pth / .pt), plain or under 'model' / 'state_dict'"
         ) from err
     state = _state_dict(content, path)
+    state = openmmlab.to_timm(state, model, str(path))  # MMPretrain / MMClassification layouts
     # timm's own per-architecture conversion (original-repo layouts, resampled position
     # embeddings), the one it applies to hub weights; a convention of timm's model modules
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

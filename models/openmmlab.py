@@ -1,0 +1,230 @@
+"""Checkpoints of MMPretrain 1.x and MMClassification 0.x (the format ModelScope's classification
+cards ship) onto the timm model of the same architecture.
+
+Both save `{"meta": {...}, "state_dict": {...}}` with the backbone under `backbone.` and the
+classifier under `head.`; 0.x keeps the class names in `meta.CLASSES`, 1.x in
+`meta.dataset_meta.classes`. The backbones' key names are the same in both. `to_timm` renames
+the keys to the layout of each family's original repository (FB ConvNeXt, DeiT, Swin, BEiT),
+and `models.timm_models.load_weights` then applies timm's own `checkpoint_filter_fn` for that
+architecture, as it does for hub weights: only what OpenMMLab changed is converted here.
+"""
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+OPENMMLAB_PREFIXES = ("backbone.", "head.", "neck.")
+
+
+def is_openmmlab(state: dict) -> bool:
+    """A state dict in OpenMMLab's layout: a `backbone.` and no key outside its modules."""
+    keys = [k for k in state if isinstance(k, str)]
+    return any(k.startswith("backbone.") for k in keys) and all(
+        k.startswith((*OPENMMLAB_PREFIXES, "data_preprocessor.")) for k in keys
+    )
+
+
+def classes_of(content) -> list[str] | None:
+    """The class names an MMPretrain (`meta.dataset_meta.classes`) or MMClassification
+    (`meta.CLASSES`) checkpoint records, or None."""
+    meta = content.get("meta") if isinstance(content, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    dataset_meta = meta.get("dataset_meta")
+    found = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
+    found = found if found is not None else meta.get("CLASSES")
+    if isinstance(found, list | tuple) and found and all(isinstance(c, str) for c in found):
+        return list(found)
+    return None
+
+
+# --- key renames, OpenMMLab -> the family's original repository (what timm's filter reads) ---
+
+VIT_BLOCKS = (
+    # OpenMMLab's transformer layers: ln1 / attn / ln2 / ffn (an FFN's first Linear sits in a
+    # Sequential with its activation), as the original ViT / DeiT / BEiT name them
+    (r"^layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
+    (r"^layers\.(\d+)\.attn\.gamma1\.weight$", r"blocks.\1.ls1.gamma"),  # LayerScale
+    (r"^layers\.(\d+)\.ffn\.gamma2\.weight$", r"blocks.\1.ls2.gamma"),
+    (r"^layers\.(\d+)\.", r"blocks.\1."),  # attn.qkv, attn.proj, BEiT's gamma_1 / q_bias / ...
+    (r"^patch_embed\.projection\.", "patch_embed.proj."),
+    (r"^pre_norm\.", "norm_pre."),
+    (r"^ln1\.", "norm."),  # final_norm
+    (r"^ln2\.", "fc_norm."),  # out_type='avg_featmap': the norm after token pooling
+    (r"^head\.layers\.head\.", "head."),  # VisionTransformerClsHead / DeiTClsHead
+    (r"^head\.layers\.head_dist\.", "head_dist."),
+    (r"^head\.fc\.", "head."),  # LinearClsHead (BEiT)
+)
+
+RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "ResNet": ((r"^head\.fc\.", "fc."),),  # torchvision / timm names in the backbone already
+    "ConvNeXt": (
+        (r"\.depthwise_conv\.", ".dwconv."),
+        (r"\.pointwise_conv(\d)\.", r".pwconv\1."),
+        (r"^norm\d\.", "norm."),  # the norm of the last out_indices stage, after pooling
+        (r"^head\.fc\.", "head."),
+    ),
+    "Swin": (
+        (r"^patch_embed\.projection\.", "patch_embed.proj."),
+        (r"^stages\.", "layers."),
+        (r"\.attn\.w_msa\.", ".attn."),
+        (r"\.ffn\.layers\.0\.0\.", ".mlp.fc1."),
+        (r"\.ffn\.layers\.1\.", ".mlp.fc2."),
+        (r"^norm\d\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    ),
+    "ViT": VIT_BLOCKS,
+    "BEiT": VIT_BLOCKS,
+}
+
+# the family of an OpenMMLab state dict, from keys only it has (checked in this order)
+SIGNATURES = (
+    ("Swin", "backbone.stages.0.blocks.0.attn.w_msa."),
+    ("ConvNeXt", "backbone.downsample_layers.0."),
+    ("BEiT", "backbone.layers.0.attn.q_bias"),
+    ("BEiT", "backbone.layers.0.gamma_1"),
+    ("ViT", "backbone.layers.0.ffn."),
+    ("ResNet", "backbone.layer1.0.conv1."),
+)
+
+# the family each timm model module implements; timm names its modules after them
+TIMM_MODULES = {
+    "timm.models.resnet": "ResNet",
+    "timm.models.convnext": "ConvNeXt",
+    "timm.models.swin_transformer": "Swin",
+    "timm.models.vision_transformer": "ViT",
+    "timm.models.deit": "ViT",  # distilled DeiT: a ViT with a dist_token and head_dist
+    "timm.models.beit": "BEiT",
+}
+
+SUPPORTED = (
+    "ResNet (resnet*), ConvNeXt (convnext_*), ViT / DeiT (vit_*, deit_*), Swin "
+    "(swin_*_window*), BEiT / BEiTv2 (beit_*, beitv2_*)"
+)
+
+
+def family_of(state: dict) -> str | None:
+    """'ConvNeXt', 'Swin', ... for an OpenMMLab state dict, from its keys; None if unknown."""
+    for family, marker in SIGNATURES:
+        if any(k.startswith(marker) for k in state):
+            return family
+    return None
+
+
+def to_timm(state: dict, model: nn.Module, source: str) -> dict:
+    """`state` renamed for timm model `model` if it is in OpenMMLab's layout; else as it is.
+
+    The result is what the family's original repository would hold; timm's
+    `checkpoint_filter_fn` of the model's module finishes the conversion (the caller runs it).
+    A family that is not supported, or one that is not `model`'s, raises a ValueError that says
+    which keys and what is supported. `source` names the file in messages.
+    """
+    if not is_openmmlab(state):
+        return state
+    found = family_of(state)
+    wanted = TIMM_MODULES.get(type(model).__module__)
+    architecture = model.pretrained_cfg.get("architecture", type(model).__name__)
+    if found is None:
+        keys = sorted(k for k in state if k.startswith("backbone."))[:4]
+        raise ValueError(
+            f"model.weights={source!r} is an MMPretrain / MMClassification checkpoint of a "
+            f"backbone this repo cannot map (keys {', '.join(keys)}, ...); supported: {SUPPORTED}"
+        )
+    if wanted is None or wanted != found:
+        raise ValueError(
+            f"model.weights={source!r} is an MMPretrain / MMClassification {found} checkpoint, "
+            f"but model.name={architecture!r} is {'a ' + wanted if wanted else 'not one of'} "
+            f"{'' if wanted else SUPPORTED}; give the timm name of the same architecture and "
+            f"size (model.name=..., e.g. {EXAMPLES[found]})"
+        )
+    necks = sorted(k for k in state if k.startswith("neck."))
+    if necks:
+        raise ValueError(
+            f"model.weights={source!r}: the checkpoint has a neck with weights "
+            f"({', '.join(necks[:4])}); timm's {architecture!r} has no such layer. Supported: "
+            "global average pooling necks (no weights) and the heads LinearClsHead, "
+            "VisionTransformerClsHead without hidden_dim, DeiTClsHead"
+        )
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("data_preprocessor."):
+            continue  # mean / std buffers; the preprocessing is read from the config instead
+        key = key.removeprefix("backbone.")
+        for pattern, new in RENAMES[found]:
+            key = re.sub(pattern, new, key)
+        renamed[key] = value
+    for fix in FIXES.get(found, ()):
+        renamed = fix(renamed)
+    return renamed
+
+
+EXAMPLES = {
+    "ResNet": "resnet50",
+    "ConvNeXt": "convnext_base",
+    "Swin": "swin_tiny_patch4_window7_224",
+    "ViT": "vit_base_patch16_224, deit_tiny_patch16_224",
+    "BEiT": "beit_base_patch16_224, beitv2_large_patch16_224",
+}
+
+
+def _swin_merge_order(state: dict) -> dict:
+    """OpenMMLab's Swin PatchMerging gathers each 2x2 neighbourhood with nn.Unfold, which puts
+    the channels in (channel, row, column) order; the original (and timm) concatenates the four
+    positions (row 0 col 0, row 1 col 0, row 0 col 1, row 1 col 1), each with all channels. The
+    reduction's input and the norm before it are permuted from the one order to the other."""
+
+    def reorder(t: torch.Tensor) -> torch.Tensor:
+        channels = t.shape[-1] // 4
+        lead = t.shape[:-1]
+        # (..., C, row, col) -> (..., col, row, C)
+        return t.reshape(*lead, channels, 2, 2).movedim(-3, -1).transpose(-3, -2)
+
+    out = {}
+    for key, value in state.items():
+        if re.search(r"downsample\.(reduction\.weight|norm\.weight|norm\.bias)$", key):
+            value = reorder(value).reshape(value.shape)
+        out[key] = value
+    return out
+
+
+FIXES: dict[str, tuple[Callable[[dict], dict], ...]] = {"Swin": (_swin_merge_order,)}
+
+
+def safe_globals() -> list:
+    """What an OpenMMLab checkpoint's meta may pickle besides tensors and containers, allowed for
+    torch.load(weights_only=True): numpy scalars (a best score, a seed), their dtypes and numpy
+    arrays. Each only builds a value from bytes; an array's items are unpickled by the same
+    restricted unpickler. Anything else in a file (an optimizer's or a message hub's classes)
+    stays refused. numpy 1.x files name numpy.core, numpy 2 numpy._core: both spellings."""
+    import numpy as np
+
+    dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUS"}
+    plain = [np.dtype, np.ndarray, *sorted(dtypes, key=lambda t: t.__name__)]
+    allowed: list = list(plain)
+    for name in ("scalar", "_reconstruct"):
+        func = getattr(np._core.multiarray, name)
+        allowed += [func, (func, f"numpy.core.multiarray.{name}")]
+    return allowed
+
+
+def read(path) -> dict:
+    """What an OpenMMLab checkpoint file says about its use: {"classes": [...] or None}.
+
+    Read with torch.load(weights_only=True) and the numpy types of `safe_globals` only: a file
+    that pickles other objects is refused (ValueError), and nothing in it runs.
+    """
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        raise ValueError(
+            f"{str(path)!r} holds pickled Python objects besides tensors ({', '.join(unsafe)}); "
+            "refused: unpickling them could run code from the file"
+        ) from err
+    return {"classes": classes_of(content)}
