@@ -9,11 +9,15 @@ and `models.timm_models.load_weights` then applies timm's own `checkpoint_filter
 architecture, as it does for hub weights: only what OpenMMLab changed is converted here.
 """
 
+import ast
+import logging
 import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 OPENMMLAB_PREFIXES = ("backbone.", "head.", "neck.")
 
@@ -227,4 +231,128 @@ def read(path) -> dict:
             f"{str(path)!r} holds pickled Python objects besides tensors ({', '.join(unsafe)}); "
             "refused: unpickling them could run code from the file"
         ) from err
-    return {"classes": classes_of(content)}
+    meta = content.get("meta") if isinstance(content, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    text = meta.get("cfg") or meta.get("config")  # 1.x: cfg, 0.x: config (the dumped config)
+    return {
+        "classes": classes_of(content),
+        "preprocess": preprocess_of(text, str(path)) if isinstance(text, str) else None,
+    }
+
+
+def preprocess_of(config: str, source: str = "the checkpoint") -> dict | None:
+    """The evaluation preprocessing an MMPretrain / MMClassification config text describes, as
+    data.transforms.file_transform's keyword arguments; None if it names no mean and std.
+
+    The config is Python source: it is parsed (ast), never run, and only literals and dict()
+    calls are read. Mean and std come from `data_preprocessor` (1.x), `model.data_preprocessor`
+    or `img_norm_cfg` (0.x), in 0-255 units (divided by 255 here); resize and crop from the test
+    pipeline: ResizeEdge(scale=S, edge='short') or Resize(size=(S, -1)) then
+    CenterCrop(crop_size=C) gives crop_pct = C / S.
+    """
+    values = _literal_assignments(config)
+    model = values.get("model") if isinstance(values.get("model"), dict) else {}
+    norm = next(
+        (
+            v
+            for v in (values.get("data_preprocessor"), model.get("data_preprocessor"))
+            if isinstance(v, dict) and "mean" in v
+        ),
+        None,
+    )
+    pipeline = _test_pipeline(values)
+    norm = norm or values.get("img_norm_cfg") or _step(pipeline, "Normalize") or {}
+    mean, std = norm.get("mean"), norm.get("std")
+    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple)):
+        return None
+    if norm.get("to_rgb") is False:
+        log.warning(
+            "%s: its config normalises BGR images (to_rgb=False); images here are RGB, so the "
+            "channel order of the mean and std may not be what the model was trained with",
+            source,
+        )
+    resize = _step(pipeline, "ResizeEdge") or _step(pipeline, "Resize") or {}
+    crop = (_step(pipeline, "CenterCrop") or {}).get("crop_size")
+    short = resize.get("scale", resize.get("size"))
+    short = short[0] if isinstance(short, list | tuple) else short
+    crop = crop[0] if isinstance(crop, list | tuple) else crop
+    if resize.get("type") == "Resize" and not isinstance(resize.get("size"), list | tuple):
+        # a square resize: the image is squashed to size x size; here its short side is
+        # resized and the centre cut, which is the same for square images only
+        log.warning(
+            "%s: its test pipeline resizes to a square (%s); here the short side is resized "
+            "and the centre cropped, the same for square images only",
+            source,
+            resize,
+        )
+    size = int(crop or short or 224)
+    interpolation = resize.get("interpolation", "bilinear")
+    if resize.get("backend", "cv2") != "pillow":
+        log.info(
+            "%s: its pipeline resizes with OpenCV; here with Pillow (results differ a little)",
+            source,
+        )
+    return {
+        "input_size": [3, size, size],
+        "mean": [float(m) / 255 for m in mean],
+        "std": [float(s) / 255 for s in std],
+        "interpolation": interpolation
+        if interpolation in ("bilinear", "bicubic", "nearest")
+        else "bilinear",
+        "crop_pct": float(crop / short) if crop and short else 1.0,
+    }
+
+
+def _test_pipeline(values: dict) -> list:
+    """The test (or else validation) pipeline of a 1.x or 0.x config."""
+    candidates = [values.get("test_pipeline")]
+    for loader in ("test_dataloader", "val_dataloader"):
+        dataset = (
+            (values.get(loader) or {}).get("dataset")
+            if isinstance(values.get(loader), dict)
+            else None
+        )
+        candidates.append(dataset.get("pipeline") if isinstance(dataset, dict) else None)
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    candidates += [
+        (data.get(split) or {}).get("pipeline")
+        for split in ("test", "val")
+        if isinstance(data.get(split), dict)
+    ]
+    return next((c for c in candidates if isinstance(c, list) and c), [])
+
+
+def _step(pipeline: list, kind: str) -> dict | None:
+    return next((s for s in pipeline if isinstance(s, dict) and s.get("type") == kind), None)
+
+
+def _literal_assignments(text: str) -> dict:
+    """`name = <value>` at the top of a config text, for values made of literals and dict(...)
+    calls; everything else (imports, expressions, other calls) is left out, never evaluated."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError):
+        return {}
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    values[target.id] = _literal(node.value)
+                except (ValueError, TypeError, RecursionError):
+                    continue
+    return values
+
+
+def _literal(node: ast.AST):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        if node.args or any(k.arg is None for k in node.keywords):
+            raise ValueError("dict() with positional or ** arguments")
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.List | ast.Tuple):
+        items = [_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    return ast.literal_eval(node)  # constants, -1, ...; raises ValueError for anything else

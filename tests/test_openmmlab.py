@@ -22,6 +22,8 @@ with warnings.catch_warnings():  # mmcv-lite lacks compiled ops that these model
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
 
+pytestmark = pytest.mark.filterwarnings("ignore:Fail to import ``MultiScaleDeformableAttention``")
+
 CLASSES = [f"class {i}" for i in range(7)]
 SMALL_BEIT = {"embed_dims": 192, "num_layers": 3, "num_heads": 3, "feedforward_channels": 768}
 SMALL_TIMM_BEIT = {"embed_dim": 192, "depth": 3, "num_heads": 3}
@@ -254,3 +256,78 @@ def test_a_training_checkpoint_with_mmengine_objects_is_refused_by_name(tmp_path
     model = timm.create_model("resnet18", num_classes=len(CLASSES))
     with pytest.raises(ValueError, match=r"mmengine\.logging\.history_buffer\.HistoryBuffer"):
         load_weights(model, path)
+
+
+MIM_CONFIGS = Path(__import__("mmpretrain").__file__).parent / ".mim" / "configs"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "convnext/convnext-tiny_32xb128_in1k.py",
+        "swin_transformer/swin-tiny_16xb64_in1k.py",
+        "deit/deit-tiny_4xb256_in1k.py",
+        "vision_transformer/vit-base-p16_64xb64_in1k-384px.py",
+        "beitv2/benchmarks/beit-base-p16_8xb64_in1k.py",
+    ],
+)
+def test_the_configs_preprocessing_gives_mmpretrains_input(config, tmp_path):
+    """The preprocessing read from a checkpoint's config makes of an image what MMPretrain's
+    test pipeline and data preprocessor make of it (a non-square image: resize and crop count)."""
+    import numpy as np
+    from mmengine.config import Config
+    from mmengine.dataset import Compose
+    from PIL import Image
+
+    from data.transforms import file_transform
+
+    init_default_scope("mmpretrain")
+    cfg = Config.fromfile(MIM_CONFIGS / config)
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 42, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((420, 300), Image.BICUBIC).save(tmp_path / "image.png")
+    packed = Compose(cfg.test_pipeline)({"img_path": str(tmp_path / "image.png")})
+    normalise = MODELS.build({"type": "ClsDataPreprocessor", **cfg.data_preprocessor})
+    batch = {"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}
+    expected = normalise(batch)["inputs"][0]
+
+    preprocess = openmmlab.preprocess_of(cfg.pretty_text)  # the text a checkpoint's meta holds
+    got = file_transform(**preprocess)(Image.open(tmp_path / "image.png"))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-5
+
+
+MMCLS_0X_CONFIG = """
+model = dict(
+    type='ImageClassifier',
+    backbone=dict(type='SwinTransformer', arch='tiny', img_size=224, drop_path_rate=0.2),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(type='LinearClsHead', num_classes=265, in_channels=768))
+img_norm_cfg = dict(
+    mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+data = dict(
+    samples_per_gpu=64,
+    test=dict(
+        type='ImageNet',
+        data_prefix='data/imagenet/val',
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', size=(248, -1), backend='pillow', interpolation='bicubic'),
+            dict(type='CenterCrop', crop_size=224),
+            dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),
+            dict(type='ImageToTensor', keys=['img']),
+            dict(type='Collect', keys=['img'])
+        ]))
+checkpoint_config = __import__('os').system('touch ran')
+"""
+
+
+def test_an_mmcls_0x_config_gives_its_preprocessing_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert openmmlab.preprocess_of(MMCLS_0X_CONFIG) == {
+        "input_size": [3, 224, 224],
+        "mean": [123.675 / 255, 116.28 / 255, 103.53 / 255],
+        "std": [58.395 / 255, 57.12 / 255, 57.375 / 255],
+        "interpolation": "bicubic",
+        "crop_pct": 224 / 248,
+    }
+    assert not (tmp_path / "ran").exists()
