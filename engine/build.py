@@ -149,11 +149,15 @@ def _apply_overrides(saved: DictConfig, overrides: list[str], keeps: str = "a re
         OmegaConf.update(saved, key, override.value(), force_add=True)
 
 
-def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
+def config_for_trained(
+    cfg: DictConfig, saved: dict, no_run: bool = False
+) -> tuple[DictConfig, Path]:
     """(config, output folder) for using a trained model: eval, export checks.
 
     The model's saved config, with this job's task, logger and paths; its data config unless
     `data=<option>` is on the command line; command-line `key=value` overrides on top.
+    no_run: a model with no run behind it (trained_for_task): `saved` is this job's config, and
+    its model overrides are already in it.
     """
     overrides = HydraConfig.get().overrides.task
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -166,7 +170,8 @@ def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
     plain_overrides = [
         o.input_line
         for o in parsed
-        if o.key_or_group.split(".")[0] not in ("task", "logger") and o.key_or_group != "data"
+        if o.key_or_group.split(".")[0] not in ("task", "logger", *(("model",) if no_run else ()))
+        and o.key_or_group != "data"
     ]
     _apply_overrides(run_cfg, plain_overrides, keeps="a trained model")
     checks.check_targets(run_cfg)  # the saved config is a file's content: nothing built yet
@@ -364,3 +369,29 @@ def _plain_preprocess(preprocess: dict | None) -> dict | None:
     if preprocess is None:
         return None
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in preprocess.items()}
+
+
+def trained_for_task(cfg: DictConfig):
+    """The model eval / predict / serve / export use: task.ckpt's run (the newest run when it
+    is null), or a model with no run behind it (engine/pretrained.py): model.weights=<file>,
+    model.pretrained=true, or a weights file that is not this repo's checkpoint as task.ckpt."""
+    from engine import pretrained
+    from engine.predict import load_trained
+
+    task, model = cfg.task, cfg.model
+    weights = model.get("weights")
+    if task.ckpt is not None and not pretrained.is_run_checkpoint(task.ckpt):
+        weights = str(task.ckpt)  # MMPretrain / timm weights given where a run is expected
+    elif task.ckpt is not None or not (weights or model.get("pretrained")):
+        return load_trained(task.ckpt, use_ema=task.use_ema)
+    if task.use_ema:
+        raise ValueError("task.use_ema=true needs a run trained with EMA weights (task.ckpt=<run>)")
+    config = plain(cfg)
+    config["model"].update(weights=weights, pretrained=not weights)
+
+    def build_model(num_classes: int, hub_weights: bool) -> nn.Module:
+        late = {"pretrained": hub_weights, "weights": None}  # the file is loaded by the caller
+        return build(cfg.model, num_classes=num_classes, in_chans=3, **late)
+
+    img_size = model.get("img_size")
+    return pretrained.load_pretrained(build_model, model.name, weights, img_size, config)

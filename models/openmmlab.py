@@ -217,7 +217,9 @@ def safe_globals() -> list:
 
 
 def read(path) -> dict:
-    """What an OpenMMLab checkpoint file says about its use: {"classes": [...] or None}.
+    """What a checkpoint file says about its use: whether it is in OpenMMLab's layout, its class
+    names (or None), its classifier's output count (or None) and its config's preprocessing (or
+    None).
 
     Read with torch.load(weights_only=True) and the numpy types of `safe_globals` only: a file
     that pickles other objects is refused (ValueError), and nothing in it runs.
@@ -234,8 +236,16 @@ def read(path) -> dict:
     meta = content.get("meta") if isinstance(content, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     text = meta.get("cfg") or meta.get("config")  # 1.x: cfg, 0.x: config (the dumped config)
+    state = content.get("state_dict", content) if isinstance(content, dict) else {}
+    heads = [
+        v
+        for k, v in (state.items() if isinstance(state, dict) else ())
+        if k in ("head.fc.weight", "head.layers.head.weight") and isinstance(v, torch.Tensor)
+    ]
     return {
+        "openmmlab": isinstance(state, dict) and is_openmmlab(state),
         "classes": classes_of(content),
+        "num_classes": int(heads[0].shape[0]) if heads else None,  # the classifier's outputs
         "preprocess": preprocess_of(text, str(path)) if isinstance(text, str) else None,
     }
 
