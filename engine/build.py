@@ -224,7 +224,7 @@ def build_splits(cfg: DictConfig) -> Splits:
         # the model's input size, mean, std, interpolation and crop_pct where data.transform
         # leaves them null; datasets without a transform key keep their own preprocessing
         keys = OmegaConf.to_container(cfg.data.transform, resolve=True)
-        model = preprocessing(cfg.model.name, img_size=cfg.model.get("img_size"))
+        model = model_preprocessing(cfg.model)
         keys.update({k: v for k, v in model.items() if keys.get(k) is None})
         late["train_transform"], late["eval_transform"] = image_transforms(**keys)
     splits: Splits = build(cfg.data.dataset, **late)
@@ -395,3 +395,18 @@ def trained_for_task(cfg: DictConfig):
 
     img_size = model.get("img_size")
     return pretrained.load_pretrained(build_model, model.name, weights, img_size, config)
+
+
+def model_preprocessing(model: DictConfig) -> dict:
+    """The input `model` expects: the preprocessing in its weights file's config (an MMPretrain /
+    MMClassification checkpoint: mean, std, resize, crop) unless model.img_size asks for another
+    size, else timm's pretrained config for its name."""
+    from models import openmmlab
+
+    weights = model.get("weights")
+    path = Path(weights).expanduser() if weights else None
+    if path is not None and path.is_file() and model.get("img_size") is None:
+        found = openmmlab.read(path).get("preprocess")
+        if found:
+            return found
+    return preprocessing(model.name, img_size=model.get("img_size"))

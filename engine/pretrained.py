@@ -11,11 +11,9 @@ ImageNet label descriptions for a 1000 / 21k-class model; else the class indices
 the checkpoint's config's (mean / std, resize, crop); else timm's pretrained config for the name.
 """
 
-import argparse
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from engine.predict import Trained
@@ -34,8 +32,7 @@ def is_run_checkpoint(path: str | Path) -> bool:
     if path.is_dir() or path.suffix == ".safetensors" or not path.is_file():
         return True  # run folders and exports; a missing path gets the loader's message
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *openmmlab.safe_globals()]):
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        content = openmmlab.load_lazily(path)
     except Exception:
         return True
     return isinstance(content, dict) and "config" in content and "model" in content

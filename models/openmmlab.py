@@ -9,6 +9,7 @@ and `models.timm_models.load_weights` then applies timm's own `checkpoint_filter
 architecture, as it does for hub weights: only what OpenMMLab changed is converted here.
 """
 
+import argparse
 import ast
 import logging
 import re
@@ -201,7 +202,7 @@ FIXES: dict[str, tuple[Callable[[dict], dict], ...]] = {"Swin": (_swin_merge_ord
 
 def safe_globals() -> list:
     """What an OpenMMLab checkpoint's meta may pickle besides tensors and containers, allowed for
-    torch.load(weights_only=True): numpy scalars (a best score, a seed), their dtypes and numpy
+    torch.load with weights_only=True: numpy scalars (a best score, a seed), their dtypes and numpy
     arrays. Each only builds a value from bytes; an array's items are unpickled by the same
     restricted unpickler. Anything else in a file (an optimizer's or a message hub's classes)
     stays refused. numpy 1.x files name numpy.core, numpy 2 numpy._core: both spellings."""
@@ -209,7 +210,7 @@ def safe_globals() -> list:
 
     dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUS"}
     plain = [np.dtype, np.ndarray, *sorted(dtypes, key=lambda t: t.__name__)]
-    allowed: list = list(plain)
+    allowed: list = [*plain, argparse.Namespace]  # timm's train.py saves its arguments so
     for name in ("scalar", "_reconstruct"):
         func = getattr(np._core.multiarray, name)
         allowed += [func, (func, f"numpy.core.multiarray.{name}")]
@@ -221,17 +222,25 @@ def read(path) -> dict:
     names (or None), its classifier's output count (or None) and its config's preprocessing (or
     None).
 
-    Read with torch.load(weights_only=True) and the numpy types of `safe_globals` only: a file
+    Read with torch.load with weights_only=True and the numpy types of `safe_globals` only: a file
     that pickles other objects is refused (ValueError), and nothing in it runs.
     """
+    if str(path).endswith(".safetensors"):  # tensors only: no meta to read
+        return {"openmmlab": False, "classes": None, "num_classes": None, "preprocess": None}
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_lazily(path)
     except Exception as err:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            unsafe = []
+        if unsafe:
+            raise ValueError(
+                f"{str(path)!r} holds pickled Python objects besides tensors "
+                f"({', '.join(unsafe)}); refused: unpickling them could run code from the file"
+            ) from None
         raise ValueError(
-            f"{str(path)!r} holds pickled Python objects besides tensors ({', '.join(unsafe)}); "
-            "refused: unpickling them could run code from the file"
+            f"{str(path)!r} is not a readable weights file ({type(err).__name__}: {err})"
         ) from err
     meta = content.get("meta") if isinstance(content, dict) else None
     meta = meta if isinstance(meta, dict) else {}
@@ -366,3 +375,17 @@ def _literal(node: ast.AST):
         items = [_literal(e) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     return ast.literal_eval(node)  # constants, -1, ...; raises ValueError for anything else
+
+
+def load_lazily(path) -> object:
+    """torch.load with weights_only=True of `path` with the numpy types of `safe_globals`, memory-mapped
+    where the file's format allows (the tensors are not read until used), so that its meta can
+    be read cheaply. Nothing in the file runs; other pickled objects raise."""
+    with torch.serialization.safe_globals(safe_globals()):
+        for mmap in (True, False):  # files of torch < 1.6 (not zip) cannot be memory-mapped
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not mmap or "mmap" not in str(err):
+                    raise
+    raise AssertionError("unreachable")

@@ -113,3 +113,32 @@ def test_pretrained_offline_without_a_cache_says_how_to_get_the_weights(tmp_path
     assert "fill the Hugging Face cache (HF_HOME)" in proc.stderr
     assert "model.weights=<file>" in proc.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
+
+
+def test_eval_of_an_mmpretrain_checkpoint_on_a_folder_uses_its_preprocessing(
+    mm_checkpoint, run_task, tmp_path
+):
+    """task=eval on a folder of the checkpoint's classes: the images are read with the
+    checkpoint's config's preprocessing, so eval's predictions are MMPretrain's."""
+    path, model, cfg, files = mm_checkpoint
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for i, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            Image.open(files[i % len(files)]).save(root / split / name / "a.png")
+    run_task(
+        "task=eval",
+        "model=resnet18",
+        f"model.weights={path}",
+        "data=imagefolder",
+        f"data.dataset.root={root}",
+        "logger=none",
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run/eval/predictions.jsonl").open()]
+    assert [r["target_label"] for r in rows] == CLASSES
+    expected = mmpretrain_probabilities(model, cfg, [r["path"] for r in rows])
+    for row, probs in zip(rows, expected, strict=True):
+        top = probs.topk(len(row["topk"]))
+        assert [p["label"] for p in row["topk"]] == [CLASSES[i] for i in top.indices]
+        scores = torch.tensor([p["score"] for p in row["topk"]])
+        assert (scores - top.values).abs().max() < 1e-5
