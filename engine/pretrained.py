@@ -98,3 +98,27 @@ def _class_names(model: nn.Module, count: int) -> list[str]:
         "no class names in the weights: the classes are named by their index 0..%d", count - 1
     )
     return [str(i) for i in range(count)]
+
+
+def load_named(name: str, weights: str | None = None, pretrained: bool = False) -> Trained:
+    """timm model `name` with a weights file or timm's hub weights, for tools that take a model
+    without Hydra (analysis/cam.py model=... model.weights=...): load_pretrained with the
+    repo's model builder, models.timm_models.create."""
+    from models.timm_models import create
+
+    if bool(weights) == bool(pretrained):
+        raise ValueError(
+            f"model={name!r}: give its weights, model.weights=<file> or model.pretrained=true "
+            "(one of them)"
+        )
+
+    def build_model(num_classes: int, hub_weights: bool) -> nn.Module:
+        return create(name, num_classes=num_classes, pretrained=hub_weights)
+
+    model_cfg = {
+        "_target_": "models.timm_models.create",
+        "name": name,
+        "pretrained": bool(pretrained),
+        "weights": weights,
+    }
+    return load_pretrained(build_model, name, weights, None, {"model": model_cfg})

@@ -142,3 +142,14 @@ def test_eval_of_an_mmpretrain_checkpoint_on_a_folder_uses_its_preprocessing(
         assert [p["label"] for p in row["topk"]] == [CLASSES[i] for i in top.indices]
         scores = torch.tensor([p["score"] for p in row["topk"]])
         assert (scores - top.values).abs().max() < 1e-5
+
+
+def test_cam_explains_an_mmpretrain_checkpoint_with_no_run(mm_checkpoint, tmp_path):
+    from analysis.cam import main
+
+    path, _, _, files = mm_checkpoint
+    out = tmp_path / "cam"
+    args = ["model=resnet18", f"model.weights={path}", f"images={files[0].parent}", f"out={out}"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{f.stem}_gradcam.png" for f in files]
+    assert main(["model=resnet18", f"model.weights={path}"]) == 1  # no run: images= needed
