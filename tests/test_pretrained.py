@@ -153,3 +153,48 @@ def test_cam_explains_an_mmpretrain_checkpoint_with_no_run(mm_checkpoint, tmp_pa
     assert main(args) == 0
     assert sorted(p.name for p in out.glob("*.png")) == [f"{f.stem}_gradcam.png" for f in files]
     assert main(["model=resnet18", f"model.weights={path}"]) == 1  # no run: images= needed
+
+
+@pytest.fixture
+def web(mm_checkpoint):
+    """A loopback HTTP server of the photos' folder: the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    folder = mm_checkpoint[3][0].parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_predict_takes_an_image_url(mm_checkpoint, web, run_task, tmp_path):
+    from engine.predict import Classifier
+
+    path, _, _, files = mm_checkpoint
+    out = tmp_path / "p.json"
+    url = f"{web}/{files[1].name}"
+    run_task(
+        "task=predict",
+        "model=resnet18",
+        f"model.weights={path}",
+        f"task.inputs={url}",
+        f"task.out={out}",
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["path"] == url
+    # the Python API in one line: the same model on the URL and on the local file
+    classifier = Classifier.from_model("resnet18", path)
+    assert classifier(url) == classifier(files[1]) == row["predictions"]
+    assert classifier.labels_and_scores(url, topk=2) == {
+        "labels": [p["label"] for p in row["predictions"][:2]],
+        "scores": [p["score"] for p in row["predictions"][:2]],
+    }
+    with pytest.raises(OSError, match=r"could not download 'http://127\.0\.0\.1:\d+/missing\.png'"):
+        classifier(f"{web}/missing.png")
+    with pytest.raises(ValueError, match="did not give an image"):
+        classifier(f"{web}/")  # the folder listing, HTML
