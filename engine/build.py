@@ -405,7 +405,7 @@ def model_preprocessing(model: DictConfig) -> dict:
 
     weights = model.get("weights")
     path = Path(weights).expanduser() if weights else None
-    if path is not None and path.is_file() and model.get("img_size") is None:
+    if path is not None and path.exists() and model.get("img_size") is None:
         found = openmmlab.read(path).get("preprocess")
         if found:
             return found

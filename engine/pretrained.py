@@ -29,6 +29,8 @@ def is_run_checkpoint(path: str | Path) -> bool:
     Read with weights_only=True and mmap (tensors are not read): nothing in it runs. A file
     that cannot be read so is left to the checkpoint loader, whose message says why."""
     path = Path(path).expanduser()
+    if openmmlab.is_modelscope_folder(path) and not (path / "checkpoints" / "best.pt").is_file():
+        return False  # a ModelScope model folder, not a run folder
     if path.is_dir() or path.suffix == ".safetensors" or not path.is_file():
         return True  # run folders and exports; a missing path gets the loader's message
     try:

@@ -14,6 +14,7 @@ import ast
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -225,6 +226,8 @@ def read(path) -> dict:
     Read with torch.load with weights_only=True and the numpy types of `safe_globals` only: a file
     that pickles other objects is refused (ValueError), and nothing in it runs.
     """
+    folder = Path(path) if Path(path).is_dir() else None
+    path = checkpoint_file(path)
     if str(path).endswith(".safetensors"):  # tensors only: no meta to read
         return {"openmmlab": False, "classes": None, "num_classes": None, "preprocess": None}
     try:
@@ -255,8 +258,60 @@ def read(path) -> dict:
         "openmmlab": isinstance(state, dict) and is_openmmlab(state),
         "classes": classes_of(content),
         "num_classes": int(heads[0].shape[0]) if heads else None,  # the classifier's outputs
-        "preprocess": preprocess_of(text, str(path)) if isinstance(text, str) else None,
+        "preprocess": (
+            preprocess_of(text, str(path))
+            if isinstance(text, str)
+            else folder_preprocess(folder)
+            if folder
+            else None
+        ),
     }
+
+
+# what ModelScope's hub download of an MMClassification card leaves in the model's folder
+MODELSCOPE_WEIGHTS = ("pytorch_model.pt", "checkpoints.pth")
+MODELSCOPE_CONFIGS = ("config.py", "configuration.json")
+
+
+def checkpoint_file(path) -> Path:
+    """`path`, or for a ModelScope model folder its weights file (pytorch_model.pt, else
+    checkpoints.pth, as ModelScope's ClassificationModel looks for them)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    for name in MODELSCOPE_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"{str(path)!r} is a folder without {' or '.join(MODELSCOPE_WEIGHTS)}; give a weights "
+        "file (.pth, .pt, .safetensors) or a ModelScope model folder as its download left it"
+    )
+
+
+def is_modelscope_folder(path) -> bool:
+    path = Path(path).expanduser()
+    return path.is_dir() and any((path / n).is_file() for n in MODELSCOPE_WEIGHTS)
+
+
+def folder_preprocess(folder: Path) -> dict | None:
+    """The preprocessing of a ModelScope model folder's config: config.py (an MMClassification
+    config, parsed, never run) or configuration.json (its `preprocessor.val` pipeline)."""
+    import json
+
+    if (folder / "config.py").is_file():
+        return preprocess_of((folder / "config.py").read_text(), str(folder / "config.py"))
+    if (folder / "configuration.json").is_file():
+        try:
+            config = json.loads((folder / "configuration.json").read_text())
+        except json.JSONDecodeError:
+            return None
+        pipeline = (
+            (config.get("preprocessor") or {}).get("val") if isinstance(config, dict) else None
+        )
+        if isinstance(pipeline, list):
+            values = {"data": {"test": {"pipeline": pipeline}}}
+            return _preprocess_of_values(values, str(folder / "configuration.json"))
+    return None
 
 
 def preprocess_of(config: str, source: str = "the checkpoint") -> dict | None:
@@ -269,7 +324,10 @@ def preprocess_of(config: str, source: str = "the checkpoint") -> dict | None:
     pipeline: ResizeEdge(scale=S, edge='short') or Resize(size=(S, -1)) then
     CenterCrop(crop_size=C) gives crop_pct = C / S.
     """
-    values = _literal_assignments(config)
+    return _preprocess_of_values(_literal_assignments(config), source)
+
+
+def _preprocess_of_values(values: dict, source: str) -> dict | None:
     model = values.get("model") if isinstance(values.get("model"), dict) else {}
     norm = next(
         (

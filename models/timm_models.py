@@ -172,7 +172,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     (and stays as initialised) when its shape differs: another class count. A file made for
     another architecture fails with the keys that do not fit.
     """
-    path = Path(path).expanduser()
+    path = openmmlab.checkpoint_file(path)  # a ModelScope model folder: its weights file
     if not path.is_file():
         raise FileNotFoundError(
             f"model.weights={str(path)!r} does not exist; give a .pth, .pt or .safetensors file "

@@ -198,3 +198,45 @@ def test_predict_takes_an_image_url(mm_checkpoint, web, run_task, tmp_path):
         classifier(f"{web}/missing.png")
     with pytest.raises(ValueError, match="did not give an image"):
         classifier(f"{web}/")  # the folder listing, HTML
+
+
+def test_a_modelscope_model_folder_works_as_a_weights_file(
+    mm_checkpoint, run_task, tmp_path, monkeypatch
+):
+    """ModelScope's download of an MMClassification card: pytorch_model.pt (class names in
+    meta.CLASSES, no config inside) beside config.py, which gives the preprocessing (parsed,
+    never run)."""
+    from tests.test_openmmlab import MMCLS_0X_CONFIG
+
+    monkeypatch.chdir(tmp_path)  # where config.py's os.system('touch ran') would write
+    path, model, _, files = mm_checkpoint
+    folder = tmp_path / "cv_resnet18_image-classification_garbage"
+    folder.mkdir()
+    state = torch.load(path, weights_only=True)["state_dict"]
+    torch.save(
+        {"meta": {"CLASSES": CLASSES, "mmcls_version": "0.25.0"}, "state_dict": state},
+        folder / "pytorch_model.pt",
+    )
+    (folder / "config.py").write_text(MMCLS_0X_CONFIG)  # Resize (248, -1), crop 224, bicubic
+    (folder / "configuration.json").write_text('{"task": "image-classification"}')
+
+    out = tmp_path / "p.json"
+    for given in ([f"model.weights={folder}"], [f"task.ckpt={folder}"]):
+        run_task(
+            "task=predict", "model=resnet18", *given, f"task.inputs={files[0]}", f"task.out={out}"
+        )
+        (row,) = json.loads(out.read_text())
+        assert {p["label"] for p in row["predictions"]} <= set(CLASSES)
+
+    from engine.predict import Classifier
+
+    classifier = Classifier.from_model("resnet18", folder)
+    assert classifier.classes == CLASSES
+    assert classifier.trained.preprocess["crop_pct"] == 224 / 248
+    assert not (tmp_path / "ran").exists()
+    # MMPretrain's own probabilities with that pipeline (resize the short side to 248, crop 224)
+    cfg = Config.fromfile(MIM_CONFIGS / CONFIG)
+    cfg.test_pipeline[1]["scale"] = 248
+    expected = mmpretrain_probabilities(model, cfg, files[:1])
+    got = classifier.probabilities(classifier.to_input(files[0])[None])
+    assert (got - expected).abs().max() < 1e-5
