@@ -62,14 +62,13 @@ def evaluate(cfg: DictConfig) -> float:
     from engine.console import print_summary
     from engine.device import resolve_device
     from engine.evaluate import evaluate_model, gather_shares, write_results
-    from engine.predict import load_trained
     from engine.runinfo import write_run_info
 
     check_config(cfg)
     distributed.check_started()
     task = cfg.task
-    trained = load_trained(task.ckpt, use_ema=task.use_ema)
-    cfg, run_dir = build.config_for_trained(cfg, trained.config)
+    trained = build.trained_for_task(cfg)  # task.ckpt's run, or model.weights / pretrained
+    cfg, run_dir = build.config_for_trained(cfg, trained.config, "pretrained" in trained.info)
     # data-parallel (torchrun, a submitit job's tasks): each process scores its share of the
     # split, process 0 puts them together, writes the files and logs to W&B
     dataset, loader = build.build_eval_data(cfg, trained.classes, task.split)
@@ -95,7 +94,7 @@ def evaluate(cfg: DictConfig) -> float:
 def predict(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from engine import distributed
+    from engine import build, distributed
     from engine.checks import check_config
     from engine.device import resolve_device
     from engine.predict import Classifier, image_files, print_predictions, write_predictions
@@ -103,9 +102,7 @@ def predict(cfg: DictConfig) -> None:
     distributed.require_one_process("predict")  # how it was launched, before what it was given
     check_config(cfg)
     task = cfg.task
-    classifier = Classifier.load(
-        task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
-    )
+    classifier = Classifier(build.trained_for_task(cfg), device=resolve_device(task.device))
     files = image_files(task.inputs)
     results = classifier.predict(files, topk=task.topk, batch_size=task.batch_size)
     out = task.out or f"{HydraConfig.get().runtime.output_dir}/predictions.json"
@@ -117,22 +114,22 @@ def export(cfg: DictConfig) -> None:
     from engine import build, distributed
     from engine.checks import check_config
     from engine.export import export as export_model
-    from engine.predict import load_trained
 
     distributed.require_one_process("export")  # how it was launched, before what it was given
     check_config(cfg)
     task = cfg.task
-    trained = load_trained(task.ckpt, use_ema=task.use_ema)
-    run_cfg, _ = build.config_for_trained(cfg, trained.config)
+    trained = build.trained_for_task(cfg)  # task.ckpt's run, or model.weights / pretrained
+    no_run = "pretrained" in trained.info  # no run folder to write into: this job's folder
+    run_cfg, job_dir = build.config_for_trained(cfg, trained.config, no_run)
     check = build.validation_images(run_cfg, trained.classes, task.check_images)
-    out = task.out or trained.source.parent.parent / "export"
+    out = task.out or (job_dir if no_run else trained.source.parent.parent) / "export"
     formats = {"formats": task.formats, "opset": task.opset, "atol": task.atol}
     for path in export_model(trained, out, **formats, check_inputs=check):
         print(f"wrote {path}")
 
 
 def serve(cfg: DictConfig) -> None:
-    from engine import distributed
+    from engine import build, distributed
     from engine.checks import check_config
     from engine.device import resolve_device
     from engine.predict import Classifier
@@ -141,9 +138,7 @@ def serve(cfg: DictConfig) -> None:
     distributed.require_one_process("serve")  # how it was launched, before what it was given
     check_config(cfg)
     task = cfg.task
-    classifier = Classifier.load(
-        task.ckpt, use_ema=task.use_ema, device=resolve_device(task.device)
-    )
+    classifier = Classifier(build.trained_for_task(cfg), device=resolve_device(task.device))
     limits = ("topk", "max_bytes", "max_pixels", "max_decodes", "decode_wait_s")
     serve_http(classifier, host=task.host, port=task.port, **{k: task[k] for k in limits})
     # The server has stopped cleanly. Leave without the interpreter's teardown: handler threads

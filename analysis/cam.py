@@ -9,6 +9,9 @@ python analysis/cam.py list_layers=true                  # module names (and sha
 Options (key=value, in run.py's override syntax: `layer=null`, quotes around a value with a comma):
   run          run folder, checkpoint (.pt) or exported .safetensors; default the newest
                outputs/<date>/<time> with checkpoints/best.pt. use_ema=true: its EMA weights.
+  model        instead of a run, a model with no run behind it: model=<timm name> with
+               model.weights=<file> (an MMPretrain / MMClassification checkpoint, a timm file)
+               or model.pretrained=true (timm's hub weights); needs images=
   method       gradcam (default) | gradcam++ | xgradcam | eigencam | eigengradcam | layercam
   images       an image file or a folder of them (recursive), read with the preprocessing the
                checkpoint records; default: the run's validation split, rebuilt from its config
@@ -36,7 +39,7 @@ validation image, and the class the map explains. The written paths are printed.
 
 import difflib
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -365,17 +368,24 @@ def cam_run(
     grid: bool = False,
     out: str | Path | None = None,
     use_ema: bool = False,
+    model: str | None = None,
+    model_weights: str | None = None,
+    model_pretrained: bool = False,
 ) -> list[Path]:
     """Write CAM overlays of a trained model as PNG files (one per image); returns their paths.
 
     run: run folder, checkpoint or .safetensors (None: the newest run under ./outputs).
     The options are the command line's (see the module docstring).
     """
-    from engine.predict import image_files, load_trained
+    from engine.predict import image_files
 
     methods = list(METHODS) if grid else [_method(method)]
-    trained = load_trained(run, use_ema=use_ema)
+    trained = load(run, use_ema, model, model_weights, model_pretrained)
     model, classes = trained.model, trained.classes
+    if images is None and "pretrained" in trained.info:
+        raise ValueError(
+            f"model={trained.model_name!r} has no run, so no validation split: give images=<file or folder>"
+        )
     count = 1 if grid else n
     if count is not None and count < 1:
         raise ValueError(f"n={n} must be 1 or more")
@@ -384,6 +394,8 @@ def cam_run(
     if layer is not None:
         target_layer(model, layer)  # a bad name fails before any image is read
     explained = None if target is None else class_index(target, classes)
+    if out is None and trained.info.get("pretrained"):  # timm's hub weights: no file to be beside
+        out = Path("outputs/analysis/cam")
     out = Path(out) if out is not None else out_folder(trained.source)
 
     # images are read, explained and drawn BATCH at a time: a folder of any size fits in memory
@@ -453,16 +465,43 @@ def layer_table(model: nn.Module, input_size) -> list[tuple[str, str, str, bool]
     ]
 
 
-def print_layers(run=None, use_ema: bool = False) -> None:
+def load(run=None, use_ema=False, model=None, model_weights=None, model_pretrained=False):
+    """The model to explain: run's (a run folder, checkpoint or export; None: the newest run),
+    or with model=<timm name> one with no run behind it, from model.weights=<file> (an
+    MMPretrain / MMClassification checkpoint, a timm file) or model.pretrained=true."""
     from engine.predict import load_trained
 
-    trained = load_trained(run, use_ema=use_ema)
+    if model is None:
+        if model_weights or model_pretrained:
+            raise ValueError(
+                "model.weights / model.pretrained need model=<timm name> of the architecture "
+                "(e.g. model=convnext_base model.weights=garbage.pth)"
+            )
+        return load_trained(run, use_ema=use_ema)
+    if run is not None or use_ema:
+        raise ValueError(f"model={model!r} is a model with no run: leave out run= and use_ema=")
+    from engine.pretrained import load_named
+
+    return load_named(model, model_weights, model_pretrained)
+
+
+def print_layers(run=None, use_ema: bool = False, **model) -> None:
+    trained = load(run, use_ema, **model)
     rows = layer_table(trained.model, trained.preprocess["input_size"])
     width = max(len(r[0]) for r in rows)
     kind = max(len(r[1]) for r in rows)
     for name, module, shape, default in rows:
         mark = "  <- default" if default else ""
         print(f"{name:<{width}}  {module:<{kind}}  {shape}{mark}")
+
+
+@dataclass
+class CamModel:
+    """A model with no run behind it (cam_run's model, model_weights, model_pretrained)."""
+
+    name: str | None = None  # typed as model=<timm name>, as run.py's model group
+    weights: str | None = None
+    pretrained: bool = False
 
 
 @dataclass
@@ -482,6 +521,7 @@ class CamOptions:
     out: str | None = None
     use_ema: bool = False
     list_layers: bool = False
+    model: CamModel = field(default_factory=CamModel)
 
 
 def parse(args: list[str]) -> dict:
@@ -492,25 +532,36 @@ def parse(args: list[str]) -> dict:
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
-    options = {f.name: f.type for f in fields(CamOptions)}
+    options = {f.name: f.type for f in fields(CamOptions) if f.name != "model"}
+    options |= {f"model.{f.name}": f.type for f in fields(CamModel)}
+    options["model"] = str  # model=<timm name> is model.name, as in run.py
     for arg in args:  # before Hydra, whose own message suggests `+key=` for a mistyped key
         key, sep, _ = arg.partition("=")
         if not sep or key not in options:
             close = difflib.get_close_matches(key, list(options), n=1)
             hint = f"did you mean {close[0]}=...? " if close and sep else ""
             raise ValueError(f"{arg!r}: {hint}expected key=value with key one of {list(options)}")
+    overrides = ["model.name" + a[len("model") :] if a.startswith("model=") else a for a in args]
     ConfigStore.instance().store(name="cam", node=CamOptions)
     try:
         with initialize(version_base="1.3", config_path=None):
-            cfg = compose("cam", overrides=args)
+            cfg = compose("cam", overrides=overrides)
     except ConfigCompositionException as err:
-        arg = next((a for a in args if f"override {a}" in str(err)), None)
-        if arg is None:  # not one value's type: Hydra's own message (e.g. run=a,b is a sweep)
+        given = next((i for i, a in enumerate(overrides) if f"override {a}" in str(err)), None)
+        if given is None:  # not one value's type: Hydra's own message (e.g. run=a,b is a sweep)
             raise ValueError(str(err)) from None
+        arg = args[given]
         key = arg.partition("=")[0]
         kind = {bool: "true or false", int | None: "a whole number", int: "a whole number"}
         raise ValueError(f"{arg!r}: {key} is {kind.get(options[key], 'text')}") from None
-    return OmegaConf.to_container(cfg)
+    kwargs = OmegaConf.to_container(cfg)
+    model = kwargs.pop("model")  # cam_run's model, model_weights, model_pretrained
+    return {
+        **kwargs,
+        "model": model["name"],
+        "model_weights": model["weights"],
+        "model_pretrained": model["pretrained"],
+    }
 
 
 def main(args: list[str]) -> int:
@@ -520,7 +571,8 @@ def main(args: list[str]) -> int:
     try:
         kwargs = parse(args)
         if kwargs.pop("list_layers", False):
-            print_layers(kwargs.get("run"), kwargs.get("use_ema", False))
+            model = {k: v for k, v in kwargs.items() if k.startswith("model")}
+            print_layers(kwargs.get("run"), kwargs.get("use_ema", False), **model)
             return 0
         written = cam_run(**kwargs)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -166,11 +166,15 @@ def _apply_overrides(saved: DictConfig, overrides: list[str], keeps: str = "a re
         OmegaConf.update(saved, key, override.value(), force_add=True)
 
 
-def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
+def config_for_trained(
+    cfg: DictConfig, saved: dict, no_run: bool = False
+) -> tuple[DictConfig, Path]:
     """(config, output folder) for using a trained model: eval, export checks.
 
     The model's saved config, with this job's task, logger and paths; its data config unless
     `data=<option>` is on the command line; command-line `key=value` overrides on top.
+    no_run: a model with no run behind it (trained_for_task): `saved` is this job's config, and
+    its model overrides are already in it.
     """
     overrides = HydraConfig.get().overrides.task
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -183,7 +187,8 @@ def config_for_trained(cfg: DictConfig, saved: dict) -> tuple[DictConfig, Path]:
     plain_overrides = [
         o.input_line
         for o in parsed
-        if o.key_or_group.split(".")[0] not in ("task", "logger") and o.key_or_group != "data"
+        if o.key_or_group.split(".")[0] not in ("task", "logger", *(("model",) if no_run else ()))
+        and o.key_or_group != "data"
     ]
     _apply_overrides(run_cfg, plain_overrides, keeps="a trained model")
     checks.check_targets(run_cfg)  # the saved config is a file's content: nothing built yet
@@ -312,7 +317,7 @@ def build_splits(cfg: DictConfig) -> Splits:
         # the model's input size, mean, std, interpolation and crop_pct where data.transform
         # leaves them null; datasets without a transform key keep their own preprocessing
         keys = OmegaConf.to_container(cfg.data.transform, resolve=True)
-        model = preprocessing(cfg.model.name, img_size=cfg.model.get("img_size"))
+        model = model_preprocessing(cfg.model)
         keys.update({k: v for k, v in model.items() if keys.get(k) is None})
         late["train_transform"], late["eval_transform"] = image_transforms(**keys)
     splits: Splits = build(cfg.data.dataset, **late)
@@ -459,3 +464,44 @@ def _plain_preprocess(preprocess: dict | None) -> dict | None:
     if preprocess is None:
         return None
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in preprocess.items()}
+
+
+def trained_for_task(cfg: DictConfig):
+    """The model eval / predict / serve / export use: task.ckpt's run (the newest run when it
+    is null), or a model with no run behind it (engine/pretrained.py): model.weights=<file>,
+    model.pretrained=true, or a weights file that is not this repo's checkpoint as task.ckpt."""
+    from engine import pretrained
+    from engine.predict import load_trained
+
+    task, model = cfg.task, cfg.model
+    weights = model.get("weights")
+    if task.ckpt is not None and not pretrained.is_run_checkpoint(task.ckpt):
+        weights = str(task.ckpt)  # MMPretrain / timm weights given where a run is expected
+    elif task.ckpt is not None or not (weights or model.get("pretrained")):
+        return load_trained(task.ckpt, use_ema=task.use_ema)
+    if task.use_ema:
+        raise ValueError("task.use_ema=true needs a run trained with EMA weights (task.ckpt=<run>)")
+    config = plain(cfg)
+    config["model"].update(weights=weights, pretrained=not weights)
+
+    def build_model(num_classes: int, hub_weights: bool) -> nn.Module:
+        late = {"pretrained": hub_weights, "weights": None}  # the file is loaded by the caller
+        return build(cfg.model, num_classes=num_classes, in_chans=3, **late)
+
+    img_size = model.get("img_size")
+    return pretrained.load_pretrained(build_model, model.name, weights, img_size, config)
+
+
+def model_preprocessing(model: DictConfig) -> dict:
+    """The input `model` expects: the preprocessing in its weights file's config (an MMPretrain /
+    MMClassification checkpoint: mean, std, resize, crop) unless model.img_size asks for another
+    size, else timm's pretrained config for its name."""
+    from models import openmmlab
+
+    weights = model.get("weights")
+    path = Path(weights).expanduser() if weights else None
+    if path is not None and path.exists() and model.get("img_size") is None:
+        found = openmmlab.read(path).get("preprocess")
+        if found:
+            return found
+    return preprocessing(model.name, img_size=model.get("img_size"))

@@ -220,7 +220,12 @@ def _build(config, classes, preprocess, state, in_chans, source, info) -> Traine
 
 
 def image_files(inputs: str | Path) -> list[Path]:
-    """`inputs` if it is an image file; the image files under it (sorted, recursive) if a folder."""
+    """`inputs` if it is an image file; the image files under it (sorted, recursive) if a folder;
+    [the URL] for an http(s) URL (engine/fetch.py downloads it when it is classified)."""
+    from engine.fetch import is_url
+
+    if is_url(inputs):
+        return [inputs]
     path = Path(inputs).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
@@ -254,15 +259,46 @@ class Classifier:
         """From a run folder, checkpoint or exported .safetensors (None: the newest run)."""
         return cls(load_trained(ckpt, use_ema=use_ema), device=device, topk=topk)
 
+    @classmethod
+    def from_model(
+        cls,
+        name: str,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        topk: int = 5,
+    ) -> "Classifier":
+        """A model with no run, in one line: timm model `name` with a `weights` file (an
+        MMPretrain / MMClassification checkpoint with its class names and preprocessing, a
+        timm file), or with None timm's hub weights and ImageNet names.
+
+            Classifier.from_model("convnext_base", "garbage.pth")("https://.../bottle.jpg")
+        """
+        from engine.pretrained import load_named
+
+        weights = str(weights) if weights is not None else None
+        trained = load_named(name, weights, pretrained=weights is None)
+        return cls(trained, device=device, topk=topk)
+
+    def labels_and_scores(self, image, topk: int | None = None) -> dict:
+        """The top-k of one image as ModelScope's classification pipelines and MMPretrain's
+        inferencers give it: {"labels": [...], "scores": [...]}, best first."""
+        top = self(image, topk)
+        return {"labels": [p["label"] for p in top], "scores": [p["score"] for p in top]}
+
     def to_input(self, image) -> torch.Tensor:
-        """An image file path, a PIL image, or a (C, H, W) tensor already preprocessed."""
+        """An image file path or http(s) URL, a PIL image, or a (C, H, W) tensor already
+        preprocessed."""
         if isinstance(image, torch.Tensor):
             if image.ndim != 3:
                 raise ValueError(
                     f"a tensor input is one preprocessed image (C, H, W); got {tuple(image.shape)}"
                 )
             return image
-        if isinstance(image, str | Path):
+        from engine.fetch import fetch_image, is_url
+
+        if is_url(image):
+            image = fetch_image(image)
+        elif isinstance(image, str | Path):
             image = load_image(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"cannot classify a {type(image).__name__}: give a path, PIL or tensor")

@@ -18,6 +18,8 @@ from timm.models import adapt_input_conv, clean_state_dict, group_parameters
 from timm.utils import freeze as freeze_modules
 from torch import nn
 
+from models import openmmlab
+
 log = logging.getLogger(__name__)
 
 LINEAR_PROBE = "backbone"  # model.freeze=backbone: everything but the classifier is frozen
@@ -180,8 +182,9 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     (and stays as initialised) when its shape differs: another class count. A file made for
     another architecture fails with the keys that do not fit.
     """
-    path = Path(path).expanduser()
+    path = openmmlab.checkpoint_file(path)  # a ModelScope model folder: its weights file
     state = _state_dict(_read_weights_file(path), path)
+    state = openmmlab.to_timm(state, model, str(path))  # MMPretrain / MMClassification layouts
     # timm's own per-architecture conversion (original-repo layouts, resampled position
     # embeddings), the one it applies to hub weights; a convention of timm's model modules
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
@@ -218,8 +221,9 @@ def _read_weights_file(path: Path):
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        # timm's train.py saves its arguments as an argparse.Namespace: data, not code
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # timm's train.py saves its arguments as an argparse.Namespace: data, not code;
+        # OpenMMLab's meta may hold numpy scalars (openmmlab.safe_globals says which)
+        with torch.serialization.safe_globals([argparse.Namespace, *openmmlab.safe_globals()]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         unsafe = _unsafe_globals(path)

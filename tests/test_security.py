@@ -137,7 +137,7 @@ def test_every_task_refuses_pickled_code(run_task, tmp_path, evil, marker, overr
 def test_no_code_path_reads_a_file_with_a_full_unpickle():
     # the two readers of torch files (checkpoints, model.weights) pass weights_only=True; a new
     # torch.load, pickle.load or weights_only=False anywhere else fails here, to be reviewed
-    readers = {"engine/checkpoint.py": 1, "models/timm_models.py": 1}
+    readers = {"engine/checkpoint.py": 1, "models/timm_models.py": 1, "models/openmmlab.py": 1}
     for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("[a-z]*/**/*.py")):
         name = path.relative_to(REPO).as_posix()
         if name.startswith(("tests/", ".venv/")):
