@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from engine import checkpoint
-from tests.fixtures.make_main_checkpoint import SETTINGS
+from tests.fixtures.make_main_checkpoint import SETTINGS, THREADS
 from tests.helpers import assert_ends_as, composed, epoch_records
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "main_mid_epoch"
@@ -54,7 +54,17 @@ def test_the_fixture_is_a_mid_epoch_checkpoint_of_the_old_engine():
     assert state["best"]["epoch"] == 1 and state["best"]["source"] in ("model", "ema")
 
 
-def test_a_checkpoint_of_the_old_engine_resumes_exactly(killed_run, tmp_path):
+@pytest.fixture
+def fixture_threads():
+    """The fixture's thread count. Its first epoch was computed by one CPU thread, and a sum
+    over another number of threads differs in the last bit: the straight run must match it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_checkpoint_of_the_old_engine_resumes_exactly(killed_run, tmp_path, fixture_threads):
     straight = tmp_path / "straight"
     run_task(straight, *SETTINGS, "resume=null")
     run_task(killed_run, *SETTINGS, "resume=auto")
