@@ -212,7 +212,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
 
 def _read_weights_file(path: Path):
     """The file's content, read without running code from it: safetensors, or
-    torch.load(weights_only=True) with no fallback to a full unpickle."""
+    torch's weights-only unpickler with no fallback to a full unpickle."""
     if not path.is_file():
         raise FileNotFoundError(
             f"model.weights={str(path)!r} does not exist; give a .pth, .pt or .safetensors file "
