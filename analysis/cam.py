@@ -325,7 +325,8 @@ def overlay(picture: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
     cam = np.clip(cam, 0.0, 1.0)
     alpha = OVERLAY_ALPHA * cam[..., None]
-    return (1 - alpha) * picture + alpha * colormaps["jet"](cam)[..., :3]
+    mixed = (1 - alpha) * picture + alpha * colormaps["jet"](cam)[..., :3]
+    return np.clip(mixed, 0.0, 1.0)  # float rounding passes 1 by 3e-8, and imshow warns of it
 
 
 def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
