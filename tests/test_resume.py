@@ -62,6 +62,7 @@ def resumed_from(run_dir) -> str:
     return (run_dir / "run.log").read_text().split("resumed after epoch ")[1].splitlines()[0]
 
 
+@pytest.mark.slow  # three run.py processes (~1 min); test_fixture_resume.py resumes in-process
 def test_run_killed_mid_epoch_resumes_and_ends_exactly_as_an_uninterrupted_run(straight, tmp_path):
     broken = tmp_path / "broken"
     proc = start([*SETTINGS, f"hydra.run.dir={broken}"], tmp_path)
