@@ -165,6 +165,7 @@ def stroke_mass(cams: np.ndarray, strokes: np.ndarray) -> np.ndarray:
     return flat @ strokes.reshape(len(strokes), -1).T.astype(np.float64)
 
 
+@pytest.mark.slow  # the default run (~2 min on 2 cores), which CI's slow stage trains once
 def test_default_demo_maps_lie_on_the_strokes(default_run, tmp_path, monkeypatch, capsys):
     """`python analysis/cam.py` after `make run`: ResNet-18's layer2 on the 56 px digits, a
     7 x 7 map whose mass lies on the digit's strokes, drawn with the digit visible under it."""

@@ -20,6 +20,9 @@ from tests.helpers import (
     wandb_runs,
 )
 
+# the default run trains ResNet-18 for 6 epochs at 56 px (~2 min on 2 cores): slow, run by CI
+pytestmark = pytest.mark.slow
+
 
 def test_terminal_shows_the_config_once_and_paths_whole(default_command):
     run_dir, proc = default_command
