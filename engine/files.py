@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the renames and links in `folder` durable (the folder's entries live in the folder)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Make `path` durable: a file's bytes, or a folder's entries (its renames and links)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and links in `folder` durable (the folder's entries live in the folder)."""
+    fsync(folder)
 
 
 def file_mode() -> int:
@@ -38,14 +43,6 @@ def file_mode() -> int:
         umask = os.umask(0)
         os.umask(umask)
     return 0o666 & ~umask
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temporary_name(path: Path, create: bool) -> Path:
@@ -76,7 +73,7 @@ def replacing(path: str | Path, create: bool = True, sync_dir: bool = True) -> I
     try:
         yield tmp
         os.chmod(tmp, file_mode())
-        _fsync_file(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
