@@ -240,3 +240,23 @@ def test_a_modelscope_model_folder_works_as_a_weights_file(
     expected = mmpretrain_probabilities(model, cfg, files[:1])
     got = classifier.probabilities(classifier.to_input(files[0])[None])
     assert (got - expected).abs().max() < 1e-5
+
+
+@pytest.mark.slow  # a server process: ~1 min on the busy 2-core machine
+def test_serve_of_an_mmpretrain_checkpoint_answers_with_its_classes(mm_checkpoint, tmp_path):
+    """python run.py task=serve model=resnet18 model.weights=<MMPretrain file>: a real server
+    process; a POSTed photo gets the checkpoint's class names and the Python API's scores."""
+    from engine.predict import Classifier
+    from tests.test_serve import assert_same, http_request, serving
+
+    path, model, cfg, files = mm_checkpoint
+    expected = Classifier.from_model("resnet18", path)(files[0])
+    assert {p["label"] for p in expected} <= set(CLASSES)
+    with serving("model=resnet18", f"model.weights={path}", cwd=tmp_path) as server:
+        status, reply, _ = http_request(server.port, "GET", "/health")
+        assert status == 200 and reply["classes"] == len(CLASSES)
+        status, reply, _ = http_request(server.port, "POST", "/predict", files[0].read_bytes())
+    assert status == 200
+    assert_same(reply, expected)
+    top = mmpretrain_probabilities(model, cfg, files[:1])[0].topk(len(reply))
+    assert [p["label"] for p in reply] == [CLASSES[i] for i in top.indices]

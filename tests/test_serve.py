@@ -4,6 +4,7 @@ The module shares one server process (started with run.py, as a user does); the 
 stops it with SIGTERM. Edge cases that need control over the server run it in-process.
 """
 
+import contextlib
 import http.client
 import json
 import re
@@ -103,19 +104,13 @@ def expected(classifier, digits) -> list[list[dict]]:
     return [classifier(path) for path in digits]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    """python run.py task=serve on a free port, up and healthy; killed whatever happens."""
+@contextlib.contextmanager
+def serving(*overrides: str, cwd: Path):
+    """python run.py task=serve <overrides> on a free port, up and healthy; killed whatever
+    happens. Yields its ServerProcess."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(RUN_PY),
-            "task=serve",
-            f"task.ckpt={tiny_run}",
-            "task.port=0",
-            f"task.max_bytes={MAX_BYTES}",
-        ],
-        cwd=tmp_path_factory.mktemp("serve"),
+        [sys.executable, str(RUN_PY), "task=serve", "task.port=0", *overrides],
+        cwd=cwd,
         env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -149,6 +144,14 @@ def server(tiny_run, tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """python run.py task=serve of the tiny run, shared by the module."""
+    overrides = (f"task.ckpt={tiny_run}", f"task.max_bytes={MAX_BYTES}")
+    with serving(*overrides, cwd=tmp_path_factory.mktemp("serve")) as proc:
+        yield proc
 
 
 @pytest.fixture
