@@ -4,6 +4,7 @@ and its config's preprocessing; model.pretrained=true offline says how to get th
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,56 @@ def test_serve_of_an_mmpretrain_checkpoint_answers_with_its_classes(mm_checkpoin
     assert_same(reply, expected)
     top = mmpretrain_probabilities(model, cfg, files[:1])[0].topk(len(reply))
     assert [p["label"] for p in reply] == [CLASSES[i] for i in top.indices]
+
+
+def hub_cache(cache, name: str, model: torch.nn.Module) -> Path:
+    """Hugging Face hub's cache as a download of timm's `name` leaves it: refs/main names the
+    revision, snapshots/<revision>/ holds model.safetensors and config.json. The file."""
+    import timm
+    from safetensors.torch import save_file
+
+    repo = timm.get_pretrained_cfg(name).hf_hub_id  # timm/<model>.<tag>
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs/main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, snapshot / "model.safetensors"
+    )
+    config = {"architecture": name.split(".")[0], "num_classes": 1000}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    return snapshot / "model.safetensors"
+
+
+@pytest.mark.slow  # a run.py process with a ResNet-18
+def test_pretrained_from_a_filled_hub_cache_predicts_with_imagenet_names(tmp_path):
+    """model.pretrained=true offline reads the weights of the filled hub cache, and names the
+    1000 classes as timm's ImageNet label info does."""
+    import timm
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+    model = timm.create_model("resnet18", pretrained=False).eval()  # random, not timm's
+    weights = hub_cache(tmp_path / "hub", "resnet18.a1_in1k", model)
+    image = tmp_path / "cat.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 42, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((420, 300), Image.BICUBIC).save(image)
+    out = tmp_path / "p.json"
+    env = clean_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    overrides = ("model=resnet18", "model.pretrained=true", f"task.inputs={image}")
+    run_py("task=predict", *overrides, f"task.out={out}", cwd=tmp_path, env=env)
+    (row,) = json.loads(out.read_text())
+
+    # the same safetensors file through timm's own loading and preprocessing
+    reference = timm.create_model(
+        "resnet18", pretrained=True, pretrained_cfg_overlay={"file": str(weights)}
+    ).eval()
+    transform = create_transform(**resolve_data_config({}, model=reference))
+    with torch.no_grad():
+        probs = reference(transform(Image.open(image).convert("RGB"))[None]).softmax(-1)[0]
+    top = probs.topk(len(row["predictions"]))
+    names = ImageNetInfo().label_descriptions()
+    assert [p["label"] for p in row["predictions"]] == [names[i] for i in top.indices]
+    scores = torch.tensor([p["score"] for p in row["predictions"]])
+    assert (scores - top.values).abs().max() < 1e-5
