@@ -14,16 +14,24 @@ mode=train, in one process, on the same model, data, batch size, precision and d
            memory and a saver that writes nothing. An epoch's images/s is steps x batch size /
            its logged time/train_s (the engine's own clock, which ends in a host-device sync).
   bare     a fresh copy of the model (the engine's initial weights, its device, memory format,
-           autocast dtype and torch.compile setting), the same optimizer built the same way,
-           the same loader: forward, loss, backward, optimizer.step, zero_grad; nothing else.
+           autocast dtype and torch.compile setting), the same optimizer and LR scheduler built
+           the same way, the same loader: forward, loss, backward, optimizer.step, zero_grad,
+           scheduler.step_update, and the loss read back every trainer.log_every updates (what
+           a user's own loop logs). The engine does on top: the non-finite check
+           (trainer.max_bad_steps), its BatchNorm snapshot, loss/top-1 sums, the progress bar.
+  interleaved  one bare pass (the same `steps` batches, seeded as fit seeds the epoch) runs
+           right after each engine epoch, in one process: engine, bare, engine, bare... so a
+           load change on a shared machine hits both sides of a pair. `ratio` is the median
+           of the per-pair engine/bare ratios; ratio_min..ratio_max is their spread.
   inference  engine.loop.evaluate on the val loader (as fit validates), and a bare
            torch.inference_mode() forward loop over the same batches, both with the model the
            bare loop trained; a repeat is `steps` val batches (the val loader cycled if shorter).
   Warm-up repeats are left out. Reported: images/s (median, min, max, quartiles over the
-  repeats), engine/bare ratio of the medians, peak memory per phase, time to the engine's first
-  completed optimizer step (from process start, /proc/self/stat; and from the call), the FLOPs
-  of one training step (torch.utils.flop_counter: matmuls, convolutions, attention) and the
-  TFLOP/s they make, and on a GPU of the PEAK_TFLOPS table the fraction of its dense peak.
+  repeats), engine/bare ratio (median over pairs, with its spread), peak memory per side, time
+  to the engine's first completed optimizer step (from process start, /proc/self/stat; and from
+  the call), the FLOPs of one training step (torch.utils.flop_counter: matmuls, convolutions,
+  attention) and the TFLOP/s they make, and on a GPU of the PEAK_TFLOPS table the fraction of
+  its dense peak.
 
 mode=data: the train loader alone, `steps` batches a repeat, each moved to the device
 (non_blocking, the run's memory format; synchronised at the end on CUDA). compare=true also
@@ -38,8 +46,10 @@ line is ./benchmark.json: analysis tools make no run folder) holds every number:
   a phase      images_per_s {median, min, max, q1, q3, per_repeat}, ms_per_batch,
                peak_memory_mb, tflops, fraction_of_peak; on the CPU the training phases also
                cpu_ms_per_step {median, per_repeat}: process CPU time between optimizer steps
-  mode=train   train {engine, bare, ratio (of medians), ratio_best (of the fastest repeats),
-               cpu_ratio (bare / engine CPU ms per step; CPU only)}, inference {engine, bare,
+  mode=train   train {engine, bare, ratio (median of the per-pair ratios), ratio_min,
+               ratio_max, pair_ratios, ratio_of_medians, ratio_best (of the fastest repeats),
+               cpu_ratio (bare / engine CPU ms per step; CPU only), timeline ([side, epoch,
+               first step s, last step s] in the order they ran)}, inference {engine, bare,
                ratio, ratio_best}, time_to_first_step_s {from_process_start, from_call},
                flops {train_step, train_per_image, forward_per_image}, peak {dtype, tflops, note}
   mode=data    data, compute (a phase, or null without compare), bottleneck (data | compute),
@@ -47,8 +57,8 @@ line is ./benchmark.json: analysis tools make no run folder) holds every number:
   always       memory_kind, notes, environment {device_type, device_name, cuda, cudnn,
                cpu_threads, stdout_is_terminal, load_average, command, git, versions}, config
                (run.py's composed config with the benchmark's trainer.epochs and limits)
-On a shared CPU the load drifts between phases; ratio_best and cpu_ratio move less with it
-than the ratio of medians, and one torch thread (OMP_NUM_THREADS=1) keeps idle OpenMP threads
+On a shared CPU the load drifts; the pairs' spread says how far; cpu_ratio moves less with it
+than wall time, and one torch thread (OMP_NUM_THREADS=1) keeps idle OpenMP threads
 from spinning. Memory: CUDA, torch.cuda's peak
 allocated bytes per phase; CPU, this process's peak resident set size per phase
 (resource.getrusage ru_maxrss, its high-water mark reset through /proc/self/clear_refs where
@@ -106,12 +116,15 @@ PEAK_TFLOPS = [
 class MemoryLogger(NullLogger):
     """RunLogger's interface, keeping what fit logs in memory: `records` is [(step, metrics)]."""
 
-    def __init__(self):
+    def __init__(self, after_epoch=None):
         self.records: list[tuple[int, dict]] = []
         self.summaries: dict = {}
+        self.after_epoch = after_epoch  # called with the epoch's index once fit logged it
 
     def log(self, metrics: dict, step: int) -> None:
         self.records.append((step, dict(metrics)))
+        if self.after_epoch is not None and "time/train_s" in metrics:
+            self.after_epoch(self.epochs - 1)
 
     @property
     def epochs(self) -> int:
@@ -184,7 +197,20 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
     # (a) the engine: built as run.py builds it (build.training), trained by fit itself
     run = build.training(cfg, data=data)
     model, optimizer = run.model, run.optimizer
-    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # (b) the bare loop: a fresh copy of the engine's initial model, its own optimizer and
+    # scheduler built the same way; one bare pass runs after each engine epoch (ABAB...), so
+    # both see the same load on a shared machine
+    bare = build.build_model(cfg, splits)
+    bare.load_state_dict(model.state_dict())
+    bare.to(device, memory_format=memory_format)
+    bare_optimizer = build.build_optimizer(cfg, bare)
+    bare_scheduler = build.build_scheduler(cfg, bare_optimizer, updates)
+    bare_clock = _StepClock()
+    bare_optimizer.register_step_post_hook(bare_clock)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
+    step = _bare_step(bare, bare_optimizer, criterion, amp_dtype, device, cfg.trainer)
+    step = _as_user_script(step, bare_scheduler, cfg.trainer.log_every)
+    one_epoch = _train_pass(train_loader, steps, cfg.seed, device, memory_format, step, bare_clock)
     first_step = {}
 
     def on_step(opt, args, kwargs):
@@ -192,13 +218,12 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
             _sync(device)
             first_step.update(at=time.monotonic(), since_start=_process_age_s())
 
-    logger = MemoryLogger()
+    pairs = _Interleaved(one_epoch, device)
+    logger = MemoryLogger(after_epoch=pairs.bare_after_engine)
     engine_clock = _StepClock(lambda: logger.epochs)
     hooks = [optimizer.register_step_post_hook(h) for h in (on_step, engine_clock)]
-    memory = _MemoryProbe(device)
     with logger:  # a saver that writes nothing
         run.fit(logger, NullSaver(Path(tempfile.gettempdir()) / "benchmark-checkpoints"))
-    engine_memory = memory.peak_mb()
     for hook in hooks:
         hook.remove()
     epochs = [m["time/train_s"] for _, m in logger.records if "time/train_s" in m]
@@ -208,21 +233,8 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
             "the benchmark reads each epoch's training time from that key"
         )
     engine_rates = [steps * batch / s for s in epochs[warmup:]]
+    bare_rates = pairs.rates[warmup:]
     del run, model, optimizer
-    _free(device)
-
-    # (b) the bare loop, on a fresh copy of the engine's initial model, right after (a): on a
-    # shared machine the load changes less between the two
-    bare = build.build_model(cfg, splits)
-    bare.load_state_dict(initial)
-    bare.to(device, memory_format=memory_format)
-    bare_optimizer = build.build_optimizer(cfg, bare)
-    bare_clock = _StepClock()
-    bare_optimizer.register_step_post_hook(bare_clock)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.loss.get("label_smoothing", 0.0))
-    step = _bare_step(bare, bare_optimizer, criterion, amp_dtype, device, cfg.trainer)
-    one_epoch = _train_pass(train_loader, steps, cfg.seed, device, memory_format, step, bare_clock)
-    bare_rates, bare_memory = _timed(one_epoch, warmup, repeats, device)
     images, targets = next(iter(train_loader))
     images = images.to(device, memory_format=memory_format)
     flops = _count_flops(bare, criterion, images, targets.to(device), amp_dtype, device)
@@ -236,10 +248,11 @@ def train_benchmark(cfg: DictConfig, steps: int, repeats: int, warmup: int, call
 
     peak, peak_dtype, peak_note = _peak_tflops(device, cfg.trainer.precision)
     train = {
-        "engine": _phase(engine_rates, batch, engine_memory, flops["train_step"], peak),
-        "bare": _phase(bare_rates, batch, bare_memory, flops["train_step"], peak),
+        "engine": _phase(engine_rates, batch, pairs.peak["engine"], flops["train_step"], peak),
+        "bare": _phase(bare_rates, batch, pairs.peak["bare"], flops["train_step"], peak),
     }
-    train["ratio"] = _median(engine_rates) / _median(bare_rates)
+    train.update(_pair_ratios(engine_rates, bare_rates))
+    train["timeline"] = _timeline({"engine": engine_clock, "bare": bare_clock})
     train["ratio_best"] = max(engine_rates) / max(bare_rates)
     if device.type == "cpu":
         # CPU seconds between optimizer steps: the work a step costs, whatever else the
@@ -379,6 +392,72 @@ def _train_pass(loader, steps, seed, device, memory_format, step=None, clock=Non
     return one_pass
 
 
+class _Interleaved:
+    """The bare loop's passes, one after each engine epoch (fit logs the epoch, then this runs):
+    engine, bare, engine, bare... Each side's peak memory is its own (the probe is reset in
+    between); the engine's includes its epoch's one validation batch."""
+
+    def __init__(self, one_pass, device):
+        self.one_pass, self.device = one_pass, device
+        self.rates: list[float] = []
+        self.peak = {"engine": None, "bare": None}
+        self.memory = _MemoryProbe(device)
+
+    def bare_after_engine(self, epoch: int) -> None:
+        self._note_peak("engine")
+        self.rates += _timed(lambda _: self.one_pass(epoch), 0, 1, self.device)[0]
+        self._note_peak("bare")
+
+    def _note_peak(self, side: str) -> None:
+        mb = self.memory.peak_mb()
+        if mb is not None:
+            self.peak[side] = max(mb, self.peak[side] or 0.0)
+        self.memory = _MemoryProbe(self.device)
+
+
+def _as_user_script(step, scheduler, log_every: int):
+    """The bare step as a user's own loop would run it: the LR schedule stepped per update
+    (timm's step_update, as fit does) and the loss read back (a host sync) every `log_every`
+    updates, fit's train/loss cadence."""
+    updates = 0
+
+    def user_step(images, targets):
+        nonlocal updates
+        loss = step(images, targets)
+        updates += 1
+        scheduler.step_update(num_updates=updates)
+        if updates % log_every == 0:
+            loss.item()
+
+    return user_step
+
+
+def _timeline(clocks: dict) -> list[list]:
+    """[side, epoch, first step s, last step s] of every epoch and bare pass, in the order they
+    ran, in seconds from the first: the record that the two sides took turns."""
+    spans = [
+        [side, epoch, times[0][0], times[-1][0]]
+        for side, clock in clocks.items()
+        for epoch, times in clock.times.items()
+    ]
+    spans.sort(key=lambda span: span[2])
+    start = spans[0][2] if spans else 0.0
+    return [[side, epoch, first - start, last - start] for side, epoch, first, last in spans]
+
+
+def _pair_ratios(engine_rates: list[float], bare_rates: list[float]) -> dict:
+    """engine / bare images/s of each (engine epoch, the bare pass right after it) pair: the
+    median is `ratio`; min and max say how much one pair can be trusted."""
+    ratios = [e / b for e, b in zip(engine_rates, bare_rates, strict=True)]
+    return {
+        "ratio": _median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "pair_ratios": ratios,
+        "ratio_of_medians": _median(engine_rates) / _median(bare_rates),
+    }
+
+
 class _StepClock:
     """An optimizer step hook: (wall, process CPU) seconds at each step, by epoch.
 
@@ -427,6 +506,7 @@ def _bare_step(model, optimizer, criterion, amp_dtype, device, trainer: DictConf
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
     return step
 
@@ -648,8 +728,10 @@ def _train_notes(cfg: DictConfig) -> list[str]:
     }
     on = [k for k, v in extra.items() if v]
     notes = [
-        f"engine: fit's logging every trainer.log_every={t.get('log_every')} updates, its "
-        "progress bar and scheduler are part of its time; the bare loop has none of them"
+        f"both: the LR scheduler stepped per update and the loss read back every "
+        f"trainer.log_every={t.get('log_every')} updates; engine on top: the non-finite check "
+        f"(trainer.max_bad_steps={t.get('max_bad_steps')}; null: off), the BatchNorm snapshot "
+        "it restores from, the loss/top-1 sums, the progress bar, the stop-signal handling"
     ]
     if on:
         notes.append(f"engine only (the bare loop leaves them out): {', '.join(on)}")
@@ -823,8 +905,9 @@ def print_report(result: dict) -> None:
         train, inference = result["train"], result["inference"]
         cpu = train.get("cpu_ratio")
         console.print(
-            f"engine / bare: training {train['ratio']:.3f} (fastest repeats "
-            f"{train['ratio_best']:.3f}"
+            f"engine / bare: training {train['ratio']:.3f} (median of {len(train['pair_ratios'])}"
+            f" engine-bare pairs, spread {train['ratio_min']:.3f}..{train['ratio_max']:.3f}; "
+            f"fastest repeats {train['ratio_best']:.3f}"
             f"{'' if cpu is None else f', CPU time per step {cpu:.3f}'}), inference "
             f"{inference['ratio']:.3f} (fastest {inference['ratio_best']:.3f})\n"
             f"time to first step: "

@@ -60,6 +60,16 @@ def test_train_mode_reports_engine_bare_and_inference(tmp_path, one_thread):
         assert result[phase]["ratio"] > 0 and result[phase]["ratio_best"] > 0
         assert result[phase]["engine"]["tflops"] > 0
         assert result[phase]["engine"]["fraction_of_peak"] is None  # no CPU peak table
+    # engine epochs and bare passes take turns (warm-up included), one ratio per pair
+    train = result["train"]
+    sides = [side for side, *_ in train["timeline"]]
+    assert sides == ["engine", "bare"] * 3
+    assert [epoch for _, epoch, *_ in train["timeline"]] == [0, 0, 1, 1, 2, 2]
+    assert len(train["pair_ratios"]) == 2
+    assert train["ratio_min"] <= train["ratio"] <= train["ratio_max"]
+    engine_rates = train["engine"]["images_per_s"]["per_repeat"]
+    bare_rates = train["bare"]["images_per_s"]["per_repeat"]
+    assert train["pair_ratios"] == [e / b for e, b in zip(engine_rates, bare_rates, strict=True)]
     # CPU: process CPU time between optimizer steps, one figure per repeat
     for name in ("engine", "bare"):
         cpu = result["train"][name]["cpu_ms_per_step"]
