@@ -123,7 +123,7 @@ def export(cfg: DictConfig) -> None:
     run_cfg, job_dir = build.config_for_trained(cfg, trained.config, no_run)
     check = build.validation_images(run_cfg, trained.classes, task.check_images)
     out = task.out or (job_dir if no_run else trained.source.parent.parent) / "export"
-    formats = {"formats": task.formats, "opset": task.opset, "atol": task.atol}
+    formats = {k: task[k] for k in ("formats", "opset", "atol", "output")}
     for path in export_model(trained, out, **formats, check_inputs=check):
         print(f"wrote {path}")
 

@@ -16,6 +16,7 @@ to `+out` (outputs/analysis/samples_<split>.png, git-ignored; the suffix picks t
 .png, .pdf, .svg).
 """
 
+import logging
 import math
 import random
 import textwrap
@@ -30,6 +31,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
 from analysis.cli import TOOL_OUT, no_run_folder
+
+log = logging.getLogger(__name__)
 
 # inches. One sample is a cell: its class name, then two square panels side by side, each with
 # a two-line caption below; cells are GAP_IN apart and the figure title sits above them all.
@@ -124,8 +127,11 @@ def figure_size(n: int) -> tuple[float, float]:
 
 def samples(dataset: Dataset, n: int, seed: int) -> list[dict]:
     """`n` distinct samples of `dataset` chosen by `seed`, sorted by label then index: each
-    {index, label, loaded, model_input}. The transform's random draws are fixed by `seed` too
-    and the global RNG state is restored afterwards."""
+    {index, label, loaded, model_input, unreadable}. The transform's random draws are fixed by
+    `seed` too and the global RNG state is restored afterwards. `unreadable`: None, or the path
+    of the sample's file when it does not decode and the split's bad_images=skip put the next
+    readable image in its place (a warning names it; the figure marks it)."""
+    from data.images import skipped_images
     from engine.rng import get_rng_state, seed_everything, set_rng_state
 
     if n < 1:
@@ -138,15 +144,21 @@ def samples(dataset: Dataset, n: int, seed: int) -> list[dict]:
     try:
         rows = []
         for index in chosen:
+            skipped = skipped_images(dataset)
             model_input, label = dataset[index]
-            rows.append(
-                {
-                    "index": index,
-                    "label": int(label),
-                    "loaded": as_loaded(dataset, index),
-                    "model_input": model_input,
-                }
-            )
+            loaded = as_loaded(dataset, index)
+            row = {"index": index, "label": int(label), "loaded": loaded}
+            row["model_input"], row["unreadable"] = model_input, None
+            if skipped_images(dataset) > skipped:  # the file did not decode: a substitute
+                base, i = unwrap(dataset, index)
+                row["unreadable"] = str(base.samples[i][0])
+                log.warning(
+                    "sample %d: %s is unreadable; its cell shows the next readable image, "
+                    "marked in red",
+                    index,
+                    row["unreadable"],
+                )
+            rows.append(row)
     finally:
         set_rng_state(state)
     return sorted(rows, key=lambda r: (r["label"], r["index"]))
@@ -158,17 +170,34 @@ def _size(image) -> str:
     return "×".join(str(s) for s in torch.as_tensor(image).shape)  # (C, H, W) of a tensor
 
 
+def _cell_title(row: dict, classes: list[str]) -> str:
+    if row.get("unreadable"):  # the file did not decode: the pictures are the next sample's
+        return f"unreadable: {Path(row['unreadable']).name}"
+    return classes[row["label"]] if row["label"] < len(classes) else str(row["label"])
+
+
 def draw(rows: list[dict], classes: list[str], title: str, transform_name: str, normalize, out):
     """The grid of `rows` (see `samples`) written to `out`; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig = grid(rows, classes, title, transform_name, normalize)
+    out = Path(out)
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the PNG keeps figure_size x DPI pixels
+    plt.close(fig)
+    return out
+
+
+def grid(rows: list[dict], classes: list[str], title: str, transform_name: str, normalize):
+    """The figure of `rows`: per sample its class name (or, in red, the unreadable file's
+    name), the picture as loaded and as the model gets it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    if not out.suffix:
-        out = out.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     _, n_cols = grid_shape(len(rows))
     width, height = figure_size(len(rows))
     fig = plt.figure(figsize=(width, height), dpi=DPI)
@@ -180,18 +209,20 @@ def draw(rows: list[dict], classes: list[str], title: str, transform_name: str, 
     for k, row in enumerate(rows):
         r, c = divmod(k, n_cols)
         left, top = c * CELL_W_IN + GAP_IN / 2, HEADER_IN + r * CELL_H_IN
-        name = classes[row["label"]] if row["label"] < len(classes) else str(row["label"])
+        bad = row.get("unreadable")
         fig.text(
             (left + (CELL_W_IN - GAP_IN) / 2) / width,
             1 - (top + 0.8 * TITLE_IN) / height,
-            textwrap.shorten(name, width=34, placeholder="…"),
+            textwrap.shorten(_cell_title(row, classes), width=34, placeholder="…"),
             ha="center",
             va="bottom",
             fontsize=11,
             fontweight="bold",
+            color="red" if bad else "black",
         )
+        loaded_caption = "next readable image" if bad else "as loaded"
         pictures = [
-            (to_display(row["loaded"]), f"as loaded\n{_size(row['loaded'])}"),
+            (to_display(row["loaded"]), f"{loaded_caption}\n{_size(row['loaded'])}"),
             (
                 to_display(row["model_input"], normalize),
                 f"{transform_name}\n{_size(row['model_input'])}",
@@ -205,14 +236,12 @@ def draw(rows: list[dict], classes: list[str], title: str, transform_name: str, 
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():  # a hairline frame: white pictures on white paper
-                spine.set_color("0.75")
-                spine.set_linewidth(0.6)
+                spine.set_color("red" if bad else "0.75")
+                spine.set_linewidth(2.0 if bad else 0.6)
             # under the panel's box, not the picture: captions line up whatever the aspect
             below = panel[1] - 0.04 / height
             fig.text(panel[0] + panel[2] / 2, below, caption, ha="center", va="top", fontsize=8)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the PNG keeps figure_size x DPI pixels
-    plt.close(fig)
-    return out
+    return fig
 
 
 def browse(cfg: DictConfig, n: int = 16, split: str = "train", out=None, seed: int = 0) -> Path:

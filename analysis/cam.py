@@ -38,6 +38,7 @@ validation image, and the class the map explains. The written paths are printed.
 """
 
 import difflib
+import logging
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 # option value -> pytorch_grad_cam class
 METHODS = {
     "gradcam": "GradCAM",
@@ -68,6 +70,7 @@ MIN_CELLS = 7
 # colour weight of the map where it is 1, falling to 0 with the map: cold cells leave the
 # picture as it is, so what the model looked at stays visible under the colour
 OVERLAY_ALPHA = 0.6
+ZERO_NOTE = "all-zero map:\nnothing highlighted"
 
 
 def target_layer(model: nn.Module, name: str | None = None, input_hw=None):
@@ -331,6 +334,18 @@ def overlay(picture: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
     """The picture, then its overlay for each method, under one title; written as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = _draw(picture, cams, title)
+    for method, cam in cams.items():
+        if not cam.any():
+            log.warning("%s: the %s map is all zero; its panel says so", path, method)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _draw(picture: np.ndarray, cams: dict, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,13 +362,23 @@ def _figure(picture: np.ndarray, cams: dict, title: str, path: Path) -> Path:
     for ax, (method, cam) in zip(axes[1:], cams.items(), strict=True):
         ax.imshow(overlay(shown, cam), interpolation="nearest")
         ax.set_title(method, fontsize=9)
+        if not cam.any():  # a flat map (no gradient or activation): the overlay is the input
+            ax.text(
+                0.5,
+                0.5,
+                ZERO_NOTE,
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+                color="white",
+                backgroundcolor="black",
+            )
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def cam_run(

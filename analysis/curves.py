@@ -29,6 +29,8 @@ DEFAULT_KEYS = ("train/loss", "val/acc1")
 IGNORED_CONFIG_KEYS = ("seed", "hydra", "resume")
 PANEL_SIZE_IN = (4.5, 3.4)  # width, height of one subplot, inches
 DPI = 200
+LEGEND_CHAR_PT = 5.0  # mean width of a character of the legend's "small" font, points
+LEGEND_MAX_SHARE = 0.3  # the legend may take this much of the figure's height, else it grows
 AXIS_LABELS = {
     "train/loss": "train loss",
     "train/lr": "learning rate",
@@ -253,7 +255,13 @@ def group_labels(groups: list[list[Run]], label_key: str | None = None) -> list[
     differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
     if len(groups) > 1 and all(flats) and 0 < len(differing) <= 3:
         return [", ".join(f"{k}={f.get(k)}" for k in differing) for f in flats]
-    return [", ".join(r.name for r in g) for g in groups]
+    return [_names(g) for g in groups]
+
+
+def _names(group: list[Run]) -> str:
+    # the seeds of one config: its first and last run, not every name (the legend stays short)
+    names = [r.name for r in group]
+    return ", ".join(names) if len(names) <= 2 else f"{names[0]} ... {names[-1]}"
 
 
 def band(runs: list[Run], key: str, kind: str = "minmax"):
@@ -385,9 +393,50 @@ def figure(runs: list[Run], keys=DEFAULT_KEYS, label: str | None = None, band_ki
         ax.grid(alpha=0.3)
         if not ax.has_data():
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
-    axes[0].legend(fontsize="small", frameon=False)
-    fig.tight_layout()
+    fig.suptitle(_title(runs, groups, keys), fontsize="medium")
+    _legend_below(fig, axes[0])
     return fig
+
+
+def _title(runs: list[Run], groups: list[list[Run]], keys) -> str:
+    what = ", ".join(AXIS_LABELS.get(k, k) for k in keys)
+    if len(runs) == 1:
+        return f"{what}: {runs[0].name}"
+    return f"{what}: {len(runs)} runs, {len(groups)} line(s)"
+
+
+def _legend_below(fig, ax) -> None:
+    """The first axes' legend under all panels, across the figure's width, its labels wrapped
+    to fit: a legend inside a panel covered the curves, and a long label (a seed group's run
+    names) ran over the axis labels. The panels shrink to make room; when the legend would
+    take more than LEGEND_MAX_SHARE of the height the figure grows instead."""
+    import textwrap
+
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        fig.tight_layout()
+        return
+    width_chars = int(fig.get_figwidth() * 72 / LEGEND_CHAR_PT)  # characters across the figure
+    columns = max(1, min(len(labels), width_chars // (max(map(len, labels)) + 8)))
+    wrapped = [textwrap.fill(t, width_chars // columns - 8) for t in labels]
+    legend = ax.legend(
+        handles,
+        wrapped,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=fig.transFigure,
+        ncol=columns,
+        fontsize="small",
+        frameon=False,
+    )
+    legend.set_in_layout(False)  # placed by hand below the panels, not part of the first one
+    renderer = fig.canvas.get_renderer()
+    share = legend.get_window_extent(renderer).height / fig.bbox.height
+    if share > LEGEND_MAX_SHARE:
+        height = fig.get_figheight()
+        fig.set_figheight(height * (1 - LEGEND_MAX_SHARE + share))  # the panels keep their share
+        share = legend.get_window_extent(renderer).height / fig.bbox.height
+    fig.tight_layout(rect=(0, share, 1, 1))
 
 
 def _default_out(runs: list[Run], sources: list[str]) -> Path:

@@ -81,11 +81,6 @@ def lr_curve(cfg: DictConfig, train_size: int | None = None) -> dict:
 def write(curve: dict, out: str | Path) -> tuple[Path, Path]:
     """`<out>.png` (LR per update, momentum on a second axis where there is one) and
     `<out>.csv` (step, lr, momentum); returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png, csv_path = out.with_name(out.name + ".png"), out.with_name(out.name + ".csv")
@@ -96,6 +91,22 @@ def write(curve: dict, out: str | Path) -> tuple[Path, Path]:
         for row in zip(curve["step"], curve["lr"], curve["momentum"], strict=True):
             writer.writerow(["" if v is None else repr(v) for v in row])
 
+    fig = figure(curve)
+    import matplotlib.pyplot as plt  # after figure() chose the Agg backend
+
+    fig.savefig(png, dpi=DPI)  # no bbox_inches="tight": the PNG keeps FIGSIZE x DPI pixels
+    plt.close(fig)
+    return png, csv_path
+
+
+def figure(curve: dict):
+    """LR per update (momentum on a second axis where there is one), the end of the warmup
+    marked, a legend naming each line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax.plot(curve["step"], curve["lr"], color="tab:blue", label="lr")
     if curve["warmup"]:
@@ -104,14 +115,17 @@ def write(curve: dict, out: str | Path) -> tuple[Path, Path]:
     ax.set_ylabel("lr", color="tab:blue")
     ax.set_title(curve["title"], fontsize=10)
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
     if any(m is not None for m in curve["momentum"]):
         ax2 = ax.twinx()
         ax2.plot(curve["step"], curve["momentum"], color="tab:orange", linestyle="--")
         ax2.set_ylabel("momentum (Adam-type: beta1)", color="tab:orange")
+        handles += ax2.lines
+        labels.append("momentum")
+    # on the twin axes, drawn last: the momentum line does not cover it
+    (ax2 if len(fig.axes) > 1 else ax).legend(handles, labels, loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(png, dpi=DPI)  # no bbox_inches="tight": the PNG keeps FIGSIZE x DPI pixels
-    plt.close(fig)
-    return png, csv_path
+    return fig
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -37,11 +37,16 @@ from torch import nn
 from engine import files
 from engine.files import atomic_write_text
 from engine.predict import SIDECAR_FORMAT, Trained
+from models.features import feature_extractor
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "safetensors")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# task.output: what the exported model gives. features: a feature extractor, the pooled
+# pre-classifier features (models.features), in features.onnx (output "features") and
+# features.safetensors + features.json (no classifier weights: timm's num_classes=0 loads it)
+OUTPUTS = ("logits", "features")
 MIN_OPSET = 18  # the oldest opset the torch.export-based exporter writes (older: it converts)
 CHECK_BATCH = 4  # random check inputs when no images are given
 CHECK_SEED = 0
@@ -58,6 +63,7 @@ def export(
     opset: int = 18,
     atol: float = 1e-4,
     check_inputs: torch.Tensor | None = None,
+    output: str = "logits",
 ) -> list[Path]:
     """Write `trained` into folder `out` in each of `formats`; return the paths written.
 
@@ -66,26 +72,25 @@ def export(
         A largest |ONNX - PyTorch| over `atol` raises a RuntimeError and leaves no new file.
     safetensors: <out>/model.safetensors and its sidecar <out>/model.json.
     The model runs on the CPU in float32; `trained.model` itself is left as it was.
+    output: "logits", or "features" for a feature extractor (see OUTPUTS), written as
+    features.onnx / features.safetensors / features.json.
     """
     formats = _check_formats(formats)
+    if output not in OUTPUTS:  # before any file is read or written
+        raise ValueError(f"task.output={output!r}: choose one of {list(OUTPUTS)}")
     _check_opset(opset)
     _check_atol(atol)
     input_size = tuple(int(v) for v in trained.preprocess["input_size"])
-    if check_inputs is not None and (
-        check_inputs.ndim != 4 or tuple(check_inputs.shape[1:]) != input_size
-    ):
-        raise ValueError(
-            f"check_inputs of shape {tuple(check_inputs.shape)}: expected preprocessed images "
-            f"(N, *{input_size}), the model's input as its preprocess input_size says"
-        )
+    _check_input_shape(check_inputs, input_size)
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(trained.model).to("cpu", torch.float32).eval()
+    model, stem, meta = _for_output(model, trained, output)
     written = []
     for fmt in formats:
         if fmt == "safetensors":
-            written += export_safetensors(model, out / "model.safetensors", sidecar(trained))
+            written += export_safetensors(model, out / f"{stem}.safetensors", meta)
             continue
         if check_inputs is None:
             generator = torch.Generator().manual_seed(CHECK_SEED)
@@ -96,8 +101,9 @@ def export(
                 CHECK_BATCH,
                 input_size,
             )
-        path = out / "model.onnx"
-        diff = export_onnx(model, path, check_inputs, opset, atol, _onnx_metadata(trained))
+        path = out / f"{stem}.onnx"
+        metadata = _onnx_metadata(trained) | ({"output": output} if stem != "model" else {})
+        diff = export_onnx(model, path, check_inputs, opset, atol, metadata, output)
         log.info(
             "export: wrote %s; max |ONNX - PyTorch| = %.3g on %d check inputs (atol %g)",
             path,
@@ -118,6 +124,7 @@ def export_onnx(
     opset: int = 18,
     atol: float = 1e-4,
     metadata: dict[str, str] | None = None,
+    output_name: str = OUTPUT_NAME,
 ) -> float:
     """`model` (CPU, float32, eval mode) as ONNX file `path` with a dynamic batch dimension.
 
@@ -125,6 +132,7 @@ def export_onnx(
     (N, C, H, W) and its first image alone; returns the largest absolute difference of the
     logits, and raises a RuntimeError if that exceeds `atol`. `metadata`: string entries for the
     file's metadata_props (ONNX Runtime: session.get_modelmeta().custom_metadata_map).
+    `output_name`: the graph's output ("logits"; a feature extractor's: "features").
     """
     _check_opset(opset)
     _check_atol(atol)
@@ -141,7 +149,7 @@ def export_onnx(
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         staged = staging / path.name
-        program = _torch_export(model, example, opset)
+        program = _torch_export(model, example, opset, output_name)
         written_opset = program.model.opset_imports.get("")
         if written_opset != opset:  # the exporter converts versions, and on failure goes on
             raise ValueError(
@@ -151,7 +159,7 @@ def export_onnx(
         program.model.metadata_props.update(metadata or {})
         program.save(staged, external_data=size > ONE_FILE_MAX_BYTES)
 
-        diff = _max_difference(staged, model, batches)
+        diff = _max_difference(staged, model, batches, output_name)
         if not diff <= atol:  # a NaN difference fails too
             raise RuntimeError(
                 f"ONNX Runtime and PyTorch disagree: max |ONNX - PyTorch| = {diff:.3g} on batches "
@@ -171,7 +179,7 @@ def export_onnx(
     return diff
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, opset: int):
+def _torch_export(model: nn.Module, example: torch.Tensor, opset: int, output_name: str):
     """The ONNXProgram of `model` traced on `example`, with a dynamic batch dimension."""
     try:
         with _quiet("onnxscript", "onnx_ir"), _explicit_attention(model):
@@ -181,7 +189,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, opset: int):
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 verbose=False,
             )
@@ -227,8 +235,10 @@ def _quiet(*loggers: str):
             logging.getLogger(name).setLevel(level)
 
 
-def _max_difference(onnx_file: Path, model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Largest |ONNX Runtime - PyTorch| of the logits over `batches`."""
+def _max_difference(
+    onnx_file: Path, model: nn.Module, batches: list[torch.Tensor], output_name: str = OUTPUT_NAME
+) -> float:
+    """Largest |ONNX Runtime - PyTorch| of the output (logits or features) over `batches`."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -237,7 +247,7 @@ def _max_difference(onnx_file: Path, model: nn.Module, batches: list[torch.Tenso
         with torch.inference_mode():
             expected = model(batch).float().numpy()
         try:
-            (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+            (got,) = session.run([output_name], {INPUT_NAME: batch.numpy()})
         except Exception as err:
             raise RuntimeError(
                 f"ONNX Runtime could not run the exported model on a batch of {tuple(batch.shape)} "
@@ -245,7 +255,7 @@ def _max_difference(onnx_file: Path, model: nn.Module, batches: list[torch.Tenso
             ) from err
         if got.shape != expected.shape:
             raise RuntimeError(
-                f"the exported model gives logits of shape {got.shape} for a batch of "
+                f"the exported model gives {output_name} of shape {got.shape} for a batch of "
                 f"{tuple(batch.shape)}; PyTorch gives {expected.shape}"
             )
         diff = max(diff, float(np.abs(got - expected).max()))  # NaN stays NaN
@@ -289,6 +299,16 @@ def sidecar(trained: Trained) -> dict:
     return meta
 
 
+def _for_output(model: nn.Module, trained: Trained, output: str) -> tuple[nn.Module, str, dict]:
+    """(the model to export, its file stem, its sidecar). A feature extractor's sidecar says
+    what the output is and how wide (no classifier: timm.create_model(name, num_classes=0))."""
+    if output == "logits":
+        return model, "model", sidecar(trained)
+    meta = sidecar(trained) | {"output": "features", "num_classes": 0}
+    meta["num_features"] = int(getattr(model, "num_features", 0)) or None
+    return feature_extractor(model), "features", meta
+
+
 def _onnx_metadata(trained: Trained) -> dict[str, str]:
     """What a program using model.onnx alone needs besides the graph, as string entries."""
     return {
@@ -314,6 +334,16 @@ def _check_formats(formats: Iterable[str]) -> list[str]:
     if not formats:
         raise ValueError(f"task.formats is empty: nothing to export; use {list(FORMATS)}")
     return list(dict.fromkeys(formats))
+
+
+def _check_input_shape(check_inputs: torch.Tensor | None, input_size: tuple) -> None:
+    if check_inputs is not None and (
+        check_inputs.ndim != 4 or tuple(check_inputs.shape[1:]) != input_size
+    ):
+        raise ValueError(
+            f"check_inputs of shape {tuple(check_inputs.shape)}: expected preprocessed images "
+            f"(N, *{input_size}), the model's input as its preprocess input_size says"
+        )
 
 
 def _check_opset(opset: int) -> None:

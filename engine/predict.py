@@ -332,6 +332,25 @@ class Classifier:
         """The top-k list of one image: [{"label", "score", "index"}, ...], best first."""
         return self.predict([image], topk)[0]
 
+    @torch.inference_mode()
+    def features(self, images, batch_size: int = 32) -> torch.Tensor:
+        """(N, num_features) float32 on the CPU: the pooled features the classifier reads
+        (timm's forward_features, then forward_head(pre_logits=True)) of images as `predict`
+        takes them (paths, URLs, PIL images, preprocessed tensors), with the same
+        preprocessing, or a preprocessed (N, C, H, W) batch. One image (not in a list) gives
+        (1, num_features)."""
+        from models.features import pooled_features
+
+        if isinstance(images, str | Path | Image.Image) or (
+            torch.is_tensor(images) and images.ndim == 3
+        ):
+            images = [images]
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.to_input(x) for x in images[start : start + batch_size]])
+            out.append(pooled_features(self.model, batch.to(self.device)).float().cpu())
+        return torch.cat(out)
+
 
 def write_predictions(files: Sequence[Path], results: list[list[dict]], out: str | Path) -> Path:
     """Predictions as JSON ([{"path", "predictions": [{"label", "score", "index"}, ...]}, ...])

@@ -386,3 +386,21 @@ def test_vit_tokens_become_the_patch_grid():
     grid = reshape(tokens[..., None].expand(-1, -1, 5))
     assert grid.shape == (1, 5, h, w)
     assert torch.equal(grid[0, 0], torch.arange(h * w).float().view(h, w))  # row-major patches
+
+
+def test_an_all_zero_map_says_so_on_the_figure_and_in_the_log(tmp_path, caplog):
+    from analysis import cam
+
+    picture = np.full((16, 16, 3), 128, dtype=np.uint8)
+    ramp = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (16, 1))
+    maps = {"gradcam": np.zeros((16, 16), np.float32), "eigencam": ramp}
+    fig = cam._draw(picture, maps, "title")
+    notes = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert notes == [[], [cam.ZERO_NOTE], []]  # input, the zero gradcam, the eigencam
+    assert "all-zero" in cam.ZERO_NOTE
+
+    with caplog.at_level("WARNING", logger="analysis.cam"):
+        path = cam._figure(picture, maps, "title", tmp_path / "flat.png")
+    assert path.is_file()
+    (record,) = caplog.records
+    assert str(path) in record.getMessage() and "gradcam map is all zero" in record.getMessage()

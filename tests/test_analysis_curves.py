@@ -170,3 +170,37 @@ def test_label_names_the_rows_of_the_time_table(tiny_run):
     console.print(curves.time_table(curves.load_runs([tiny_run]), "optim.lr"))
     lr = yaml.safe_load((tiny_run / "config.yaml").read_text())["optim"]["lr"]
     assert f"optim.lr={lr} ({tiny_run.name})" in console.export_text()
+
+
+def _seed_run(name: str, seed: int, lr: float) -> curves.Run:
+    """A run as load_runs returns it, with a falling loss and a rising accuracy."""
+    rows = {step: {"train/loss": 2.0 / step + seed / 100} for step in range(1, 21)}
+    for epoch, step in enumerate((10, 20), 1):
+        rows[step].update({"epoch": epoch, "val/acc1": 30.0 * epoch + seed})
+    return curves.Run(name, "metrics.jsonl", {"seed": seed, "optim": {"lr": lr}}, rows)
+
+
+@pytest.mark.parametrize("keys", [["val/acc1"], ["train/loss", "val/acc1"]])
+@pytest.mark.parametrize("lrs", [1, 6])
+def test_the_legend_fits_the_figure_and_covers_no_axis_label(keys, lrs):
+    # a seed group with no config key telling it apart is named after its runs; with timestamped
+    # run folders that label ran past the figure and over the axis label
+    runs = [
+        _seed_run(f"multirun/2026-12-03/10-0{lr}-00-123456/{seed}", seed, 10.0**-lr)
+        for lr in range(lrs)
+        for seed in range(5)
+    ]
+    fig = curves.figure(runs, keys=keys)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.axes[0].get_legend().get_window_extent(renderer)
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1
+    assert fig.bbox.y0 <= legend.y0 and legend.y1 <= fig.bbox.y1
+    for ax in fig.axes:  # the panel, and each axis with its label and the tick labels drawn
+        for box in (
+            ax.patch.get_window_extent(renderer),
+            *(a.get_tightbbox(renderer) for a in (ax.xaxis, ax.yaxis)),
+        ):
+            assert not legend.overlaps(box)
+    assert fig._suptitle is not None and "validation top-1" in fig._suptitle.get_text()
+    assert f"{len(runs)} runs, {lrs} line(s)" in fig._suptitle.get_text()

@@ -241,3 +241,30 @@ def test_verify_cli_report_and_exit_status(command_lines):
         "outputs/analysis",
         "outputs/analysis/verify_report.txt",
     ]
+
+
+def test_browse_marks_an_unreadable_image_and_names_it(tmp_path, caplog):
+    # train skips an unreadable file (the next readable image takes its place): the grid showed
+    # that substitute as if it were the file
+    root = tmp_path / "pets"
+    for k, name in enumerate(("cat", "dog")):
+        write_images(root / name, seed=10 * k)
+    bad = root / "cat" / "broken.png"
+    bad.write_bytes(b"not a png")
+    cfg = imagefolder(root)
+    splits, _, _ = build_data(cfg)
+    with caplog.at_level("WARNING", logger="analysis.browse_dataset"):
+        rows = samples(splits.train, n=len(splits.train), seed=0)
+    marked = [r["unreadable"] for r in rows if r["unreadable"]]
+    assert marked == [str(bad)]
+    assert [r for r in caplog.records if str(bad) in r.getMessage()]
+    assert "unreadable" in caplog.text and "next readable image" in caplog.text
+
+    from analysis.browse_dataset import grid
+
+    fig = grid(rows, splits.classes, "title", "train transform", None)
+    red = [t.get_text() for t in fig.texts if t.get_color() == "red"]
+    assert red == ["unreadable: broken.png"]
+    framed = [ax for ax in fig.axes if ax.spines["top"].get_edgecolor() == (1.0, 0.0, 0.0, 1.0)]
+    assert len(framed) == 2  # both pictures of its cell
+    assert "next readable image" in [t.get_text().split("\n")[0] for t in fig.texts]

@@ -122,3 +122,16 @@ def test_defaults_in_a_clone_write_under_outputs_and_leave_it_clean(tmp_path):
     assert git_state(clone) == {"commit": git_state(clone)["commit"], "dirty": False, "changes": []}
     (clone / "models" / "my_net.py").write_text("")
     assert git_state(clone)["changes"] == ["?? models/my_net.py"]
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_the_legend_names_the_lr_the_end_of_warmup_and_the_momentum(optim):
+    from analysis.lr_curve import figure
+
+    curve = lr_curve(composed(*OVERRIDES, f"optim={optim}"), train_size=64)
+    assert curve["warmup"] == 3
+    fig = figure(curve)
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert [t.get_text() for t in legend.get_texts()] == ["lr", "end of warmup", "momentum"]
+    styles = [h.get_linestyle() for h in legend.legend_handles]
+    assert styles == ["-", ":", "--"]  # each entry looks like its line
