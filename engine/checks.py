@@ -29,6 +29,7 @@ ALLOWED_TARGETS = (
     "data.cifar.cifar10",
     "data.cifar.cifar100",
     "data.digits.digits",
+    "data.digits.digits_multilabel",
     "data.digits.mnist5k",
     "data.folders.imagefolder",
     "data.folders.imagenet",

@@ -1,0 +1,98 @@
+"""Multi-label metrics (several classes per image, multi-hot targets), as MMPretrain reports them.
+
+All in % (as top-1 is), from sigmoid scores (N, C) and multi-hot targets (N, C):
+  mAP       mean over classes of average precision: AP = sum_n (R_n - R_{n-1}) P_n over the
+            distinct scores, highest first (scikit-learn's average_precision_score, tied scores
+            taken together). A class with no positive image has AP 0 and still counts in the
+            mean, as in scikit-learn's macro average and MMPretrain's mAP.
+  CP CR CF1 per-class precision, recall and F1, averaged over classes (macro: scikit-learn's
+            precision_recall_fscore_support(average="macro", zero_division=0), MMPretrain's
+            average="macro"). A class with no predicted (no positive) image has precision
+            (recall) 0. CF1 is the mean of the per-class F1s, not the F1 of CP and CR.
+  OP OR OF1 the same over all (image, class) pairs together (micro).
+A label is predicted when its score is >= `threshold` (default 0.5): CP ... OF1; or when it is
+among the image's `topk` highest scores (default 3): CP_top3 ... OF1_top3.
+"""
+
+import torch
+
+from engine import distributed
+
+THRESHOLD = 0.5
+TOPK = 3
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(C,) average precision of each class, in 0..1 (see the module docstring)."""
+    scores, targets = scores.double(), (targets > 0).double()
+    order = scores.argsort(dim=0, descending=True)
+    scores, targets = scores.gather(0, order), targets.gather(0, order)
+    true_pos = targets.cumsum(0)
+    ranks = torch.arange(1, len(scores) + 1, dtype=torch.float64, device=scores.device)[:, None]
+    positives = true_pos[-1].clamp(min=1)
+    # the last image of each run of tied scores closes a threshold: only there does P/R count
+    closes = torch.ones_like(scores, dtype=torch.bool)
+    closes[:-1] = scores[1:] != scores[:-1]
+    precision = true_pos / ranks
+    # recall grows at each closing row by the positives since the previous closing row
+    closed = torch.where(closes, true_pos, torch.zeros_like(true_pos))
+    before = torch.cat([torch.zeros_like(closed[:1]), closed[:-1]]).cummax(dim=0).values
+    recall_step = torch.where(closes, true_pos - before, torch.zeros_like(true_pos))
+    return (recall_step * precision).sum(0) / positives
+
+
+def predicted(scores: torch.Tensor, threshold: float | None = None, topk: int | None = None):
+    """(N, C) bool: labels at or above `threshold`, or among each image's `topk` best."""
+    if topk is None:
+        return scores >= threshold
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    k = min(topk, scores.shape[1])
+    return chosen.scatter_(1, scores.topk(k, dim=1).indices, True)
+
+
+def per_class(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision, recall, F1 (0..1) and support (positives) of each class: (C,) tensors."""
+    truth = targets > 0
+    hits = (preds & truth).sum(0).double()
+    precision = hits / preds.sum(0).clamp(min=1)
+    recall = hits / truth.sum(0).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=torch.finfo(torch.float64).eps)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": truth.sum(0)}
+
+
+def scores_at(preds: torch.Tensor, targets: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    """CP, CR, CF1 (macro) and OP, OR, OF1 (micro), in %, of predictions `preds` (N, C) bool."""
+    per = per_class(preds, targets)
+    hits = (preds & (targets > 0)).sum().item()
+    op = hits / max(preds.sum().item(), 1)
+    o_r = hits / max((targets > 0).sum().item(), 1)
+    of1 = 2 * op * o_r / (op + o_r) if op + o_r > 0 else 0.0
+    values = {
+        "CP": per["precision"].mean().item(),
+        "CR": per["recall"].mean().item(),
+        "CF1": per["f1"].mean().item(),
+        "OP": op,
+        "OR": o_r,
+        "OF1": of1,
+    }
+    return {f"{k}{suffix}": 100 * v for k, v in values.items()}
+
+
+def metrics(
+    scores: torch.Tensor, targets: torch.Tensor, threshold: float = THRESHOLD, topk: int = TOPK
+) -> dict[str, float]:
+    """mAP, CP ... OF1 at `threshold` and CP_top<k> ... OF1_top<k> (%), of sigmoid `scores`."""
+    scores, targets = scores.float(), targets > 0
+    return {
+        "mAP": 100 * average_precision(scores, targets).mean().item(),
+        **scores_at(predicted(scores, threshold), targets),
+        **scores_at(predicted(scores, topk=topk), targets, f"_top{topk}"),
+    }
+
+
+def metrics_over_ranks(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
+    """`metrics` of the sigmoid of every process's logits together (data-parallel: mAP and
+    the per-class scores need the whole split, not a mean over shares)."""
+    shares = distributed.gather((torch.cat(logits).float().cpu(), torch.cat(targets).cpu()))
+    scores = torch.cat([s for s, _ in shares]).sigmoid()
+    return metrics(scores, torch.cat([t for _, t in shares]))
