@@ -466,6 +466,7 @@ VALUES = {
     "checkpoint.best_metric": _choice(lambda: _best("METRICS"), "val/loss"),
     "checkpoint.best_mode": _choice(lambda: _best("MODES"), "min"),
     "task.topk": _whole(1, 5),
+    "task.threshold": _number(0, 1, example=0.5, open_low=True, open_high=True),
     "task.batch_size": _whole(1, 32),
     "task.port": (lambda v: _is_int(v) and 0 <= v <= 65535, "a port number 0..65535", 8000),
     "task.use_ema": _bool(False),

@@ -14,9 +14,17 @@ A label is predicted when its score is >= `threshold` (default 0.5): CP ... OF1;
 among the image's `topk` highest scores (default 3): CP_top3 ... OF1_top3.
 """
 
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from engine import distributed
+from engine.files import atomic_write_text
 
 THRESHOLD = 0.5
 TOPK = 3
@@ -96,3 +104,139 @@ def metrics_over_ranks(logits: list[torch.Tensor], targets: list[torch.Tensor]) 
     shares = distributed.gather((torch.cat(logits).float().cpu(), torch.cat(targets).cpu()))
     scores = torch.cat([s for s, _ in shares]).sigmoid()
     return metrics(scores, torch.cat([t for _, t in shares]))
+
+
+# ---------------------------------------------------------------------------------------------
+# task=eval on multi-label data: what engine/evaluate.py writes for single-label data
+#   metrics.json       eval/mAP, eval/CP ... eval/OF1_top3, eval/loss (binary cross-entropy),
+#                      eval/images, the threshold, class names, checkpoint
+#   per_class.csv      class, ap, precision, recall, f1 (%, at the threshold), support (positives)
+#   predictions.jsonl  one line per image: index, path, target (indices), target_labels, pred
+#                      (every index at or above the threshold), pred_labels, correct (the same
+#                      set), topk [{label, score, index}]
+
+EVAL_FILES = ("metrics.json", "per_class.csv", "predictions.jsonl")
+
+
+@dataclass
+class MultiLabelEvaluation:
+    classes: list[str]
+    logits: torch.Tensor  # (N, classes), float32, in dataset order
+    targets: torch.Tensor  # (N, classes) multi-hot
+    threshold: float = THRESHOLD
+    topk: int = 5  # labels per image in predictions.jsonl
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.logits.sigmoid()
+
+    @property
+    def metrics(self) -> dict:
+        found = metrics(self.scores, self.targets, self.threshold)
+        loss = F.binary_cross_entropy_with_logits(self.logits, (self.targets > 0).float())
+        return {
+            **{f"eval/{k}": v for k, v in found.items()},
+            "eval/loss": loss.item(),
+            "eval/images": len(self.targets),
+            "eval/threshold": self.threshold,
+        }
+
+    def per_class(self) -> list[dict]:
+        """AP, precision, recall, F1 (%, at the threshold) and support (positives) of each class."""
+        ap = average_precision(self.scores, self.targets)
+        per = per_class(predicted(self.scores, self.threshold), self.targets > 0)
+        return [
+            {
+                "class": name,
+                "ap": 100 * float(ap[i]),
+                **{k: 100 * float(per[k][i]) for k in ("precision", "recall", "f1")},
+                "support": int(per["support"][i]),
+            }
+            for i, name in enumerate(self.classes)
+        ]
+
+    def predictions(self, paths: list[str | None]) -> list[dict]:
+        scores, chosen = self.scores, predicted(self.scores, self.threshold)
+        k = min(self.topk, len(self.classes))
+        top_scores, top_indices = scores.topk(k, dim=-1)
+        rows = []
+        for i in range(len(scores)):
+            truth = torch.nonzero(self.targets[i] > 0).flatten().tolist()
+            pred = sorted(torch.nonzero(chosen[i]).flatten().tolist(), key=lambda c: -scores[i, c])
+            pairs = zip(top_scores[i].tolist(), top_indices[i].tolist(), strict=True)
+            rows.append(
+                {
+                    "index": i,
+                    "path": paths[i],
+                    "target": truth,
+                    "target_labels": [self.classes[c] for c in truth],
+                    "pred": pred,
+                    "pred_labels": [self.classes[c] for c in pred],
+                    "correct": sorted(pred) == truth,
+                    "topk": [{"label": self.classes[c], "score": s, "index": c} for s, c in pairs],
+                }
+            )
+        return rows
+
+
+def gather_evaluation(logits, targets, classes, threshold: float, topk: int):
+    """Data-parallel: the whole split's MultiLabelEvaluation on process 0 (None on the others),
+    back in dataset order (process r scored images r, r + N, ... of N processes)."""
+    shares = distributed.gather_to_main((logits.float(), targets))
+    if shares is None:
+        return None
+    count, n = sum(len(t) for _, t in shares), len(shares)
+    all_logits = torch.empty(count, logits.shape[1])
+    all_targets = torch.empty(count, targets.shape[1], dtype=targets.dtype)
+    for r, (share_logits, share_targets) in enumerate(shares):
+        all_logits[r::n], all_targets[r::n] = share_logits, share_targets
+    return MultiLabelEvaluation(list(classes), all_logits, all_targets, threshold, topk)
+
+
+def write_evaluation(evaluation: MultiLabelEvaluation, paths, folder: Path, source=None) -> dict:
+    """Write EVAL_FILES into `folder`; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / name for name in EVAL_FILES}
+    summary = {
+        **evaluation.metrics,
+        "classes": evaluation.classes,
+        "checkpoint": None if source is None else str(source),
+    }
+    atomic_write_text(files["metrics.json"], json.dumps(summary, indent=1) + "\n")
+    text = io.StringIO()
+    rows = evaluation.per_class()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(
+        {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows
+    )
+    atomic_write_text(files["per_class.csv"], text.getvalue())
+    lines = [json.dumps(r) for r in evaluation.predictions(paths)]
+    atomic_write_text(files["predictions.jsonl"], "\n".join(lines) + "\n")
+    return files
+
+
+def log_evaluation(logger, evaluation: MultiLabelEvaluation, dataset, source, wrong: int) -> None:
+    """The metrics in the run's summary; in W&B also the per-class table and the first `wrong`
+    images whose predicted labels are not their labels."""
+    logger.summary({**evaluation.metrics, "eval/checkpoint": str(source)})
+    if logger.wandb_run is None:
+        return
+    import wandb
+
+    from data.images import to_picture
+
+    rows = evaluation.per_class()
+    columns = list(rows[0])
+    logged = {"eval/per_class": wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
+    if wrong > 0:
+        table = wandb.Table(columns=["index", "image", "true", "predicted"])
+        for row in [r for r in evaluation.predictions([None] * len(dataset)) if not r["correct"]][
+            :wrong
+        ]:
+            picture = wandb.Image(to_picture(dataset[row["index"]][0]))
+            true, pred = ", ".join(row["target_labels"]), ", ".join(row["pred_labels"])
+            table.add_data(row["index"], picture, true, pred)
+        logged["eval/misclassified"] = table
+    logger.wandb_run.log(logged)
