@@ -203,8 +203,7 @@ def evaluate(
     multi_label=False,
 ) -> dict:
     """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`; data-parallel, over every
-    process's share of the data. `multi_label` (multi-hot targets): loss, mAP, CP ... OF1
-    (engine/multilabel.py) instead of top-1 and top-5.
+    process's share of the data. `multi_label`: loss, mAP, CP ... OF1 (engine/multilabel.py).
 
     `hflip`: test-time augmentation, the mean of the logits of each image and its mirror image.
     `poll()` is called after every batch: fit's stop-signal check, which may save and exit.
@@ -220,7 +219,7 @@ def evaluate(
     layout = memory_format(channels_last)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
-    seen, kept = 0, ([], [])  # multi-label: every logit and target, for mAP
+    seen, kept = 0, []  # multi-label: every (logits, targets), for mAP
     for images, targets in islice(loader, num_batches):
         images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
@@ -231,8 +230,7 @@ def evaluate(
         loss_sum += criterion(logits.float(), targets) * targets.shape[0]
         num_classes = logits.shape[1]
         if multi_label:
-            kept[0].append(logits.float())
-            kept[1].append(targets)
+            kept.append((logits.float(), targets))
         else:
             correct += correct_topk(logits, targets, (1, min(5, num_classes)))
         seen += targets.shape[0]
@@ -246,7 +244,7 @@ def evaluate(
     totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
     loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
     if multi_label:
-        found = multilabel.metrics_over_ranks(*kept) if kept[0] else {}
+        found = multilabel.metrics_over_ranks(kept)
         return {"loss": (loss_sum / seen).item(), **found, "images": int(seen)}
     acc1, acc5 = (correct / seen * 100).tolist()
     return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}

@@ -98,10 +98,14 @@ def metrics(
     }
 
 
-def metrics_over_ranks(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
-    """`metrics` of the sigmoid of every process's logits together (data-parallel: mAP and
-    the per-class scores need the whole split, not a mean over shares)."""
-    shares = distributed.gather((torch.cat(logits).float().cpu(), torch.cat(targets).cpu()))
+def metrics_over_ranks(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """`metrics` of the sigmoid of every process's (logits, targets) batches together
+    (data-parallel: mAP and the per-class scores need the whole split, not a mean over
+    shares); {} when no process saw an image."""
+    share = [(logits.float().cpu(), targets.cpu()) for logits, targets in batches]
+    shares = [pair for pairs in distributed.gather(share) for pair in pairs]
+    if not shares:
+        return {}
     scores = torch.cat([s for s, _ in shares]).sigmoid()
     return metrics(scores, torch.cat([t for _, t in shares]))
 
