@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> float:
 
 
 def evaluate(cfg: DictConfig) -> float:
+    from data.multilabel import is_multi_label
     from engine import build, distributed
     from engine.checks import check_config
     from engine.console import print_summary
@@ -73,6 +74,8 @@ def evaluate(cfg: DictConfig) -> float:
     # split, process 0 puts them together, writes the files and logs to W&B
     dataset, loader = build.build_eval_data(cfg, trained.classes, task.split)
     device = resolve_device(cfg.trainer.device)
+    if is_multi_label(dataset):  # mAP, per-class AP, every label above task.threshold
+        return _evaluate_multilabel(cfg, trained, dataset, loader, run_dir, device)
     share = evaluate_model(
         trained.model.to(device),
         loader,
@@ -91,6 +94,28 @@ def evaluate(cfg: DictConfig) -> float:
     return distributed.from_main(results.metrics["eval/acc1"])
 
 
+def _evaluate_multilabel(cfg, trained, dataset, loader, run_dir, device) -> float:
+    """task=eval on multi-label data: engine/multilabel.py's metrics and files (eval/)."""
+    from engine import build, distributed, multilabel
+    from engine.console import print_summary
+    from engine.evaluate import evaluate_model, sample_paths
+    from engine.runinfo import write_run_info
+
+    task, main_process = cfg.task, distributed.is_main()
+    share = evaluate_model(trained.model.to(device), loader, trained.classes, progress=main_process)
+    settings = (trained.classes, task.get("threshold", 0.5), task.topk)
+    results = multilabel.gather_evaluation(share.logits, share.targets, *settings)
+    if results is None:  # not process 0: wait for its files, finish the job together
+        return distributed.from_main(None)
+    write_run_info(run_dir, build.plain(cfg))
+    paths = sample_paths(dataset)
+    files = multilabel.write_evaluation(results, paths, run_dir / "eval", trained.source)
+    with build.build_logger(cfg, run_dir, None, job_type="eval") as logger:
+        multilabel.log_evaluation(logger, results, dataset, trained.source, task.log_misclassified)
+    print_summary(f"evaluated {trained.source} on {task.split}", {**results.metrics, **files})
+    return distributed.from_main(results.metrics["eval/mAP"])
+
+
 def predict(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -102,7 +127,9 @@ def predict(cfg: DictConfig) -> None:
     distributed.require_one_process("predict")  # how it was launched, before what it was given
     check_config(cfg)
     task = cfg.task
-    classifier = Classifier(build.trained_for_task(cfg), device=resolve_device(task.device))
+    threshold = task.get("threshold", 0.5)  # multi-label models: labels at or above it
+    trained = build.trained_for_task(cfg)
+    classifier = Classifier(trained, device=resolve_device(task.device), threshold=threshold)
     files = image_files(task.inputs)
     results = classifier.predict(files, topk=task.topk, batch_size=task.batch_size)
     out = task.out or f"{HydraConfig.get().runtime.output_dir}/predictions.json"
@@ -138,7 +165,9 @@ def serve(cfg: DictConfig) -> None:
     distributed.require_one_process("serve")  # how it was launched, before what it was given
     check_config(cfg)
     task = cfg.task
-    classifier = Classifier(build.trained_for_task(cfg), device=resolve_device(task.device))
+    threshold = task.get("threshold", 0.5)  # multi-label models: labels at or above it
+    trained = build.trained_for_task(cfg)
+    classifier = Classifier(trained, device=resolve_device(task.device), threshold=threshold)
     limits = ("topk", "max_bytes", "max_pixels", "max_decodes", "decode_wait_s")
     serve_http(classifier, host=task.host, port=task.port, **{k: task[k] for k in limits})
     # The server has stopped cleanly. Leave without the interpreter's teardown: handler threads

@@ -169,13 +169,15 @@ def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2) if x.ndim == 4 else x
 
 
-def _forward_checked(model, images, name, module, reshape) -> torch.Tensor:
-    """Class probabilities, checking on the way that the layer gives a (N, C, H, W) map."""
+def _forward_checked(model, images, name, module, reshape, multi_label=False) -> torch.Tensor:
+    """Class probabilities (multi_label: each class's sigmoid), checking on the way that the
+    layer gives a (N, C, H, W) map."""
     seen = {}
     handle = module.register_forward_hook(lambda m, i, out: seen.update(out=out))
     try:
         with torch.no_grad():
-            probs = model(images).float().softmax(-1)
+            logits = model(images).float()
+            probs = logits.sigmoid() if multi_label else logits.softmax(-1)
     finally:
         handle.remove()
     out = seen.get("out")
@@ -201,11 +203,14 @@ def compute_cam(
     targets: list[int] | None = None,
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
+    multi_label: bool = False,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """(CAMs (N, H, W) in 0..1 at the input's H x W, class probabilities (N, classes)).
 
     images: (N, C, H, W) as the model takes them. targets: the class each CAM explains,
-    default the predicted one. layer: a module name, default as `target_layer` chooses.
+    default the predicted one (multi_label: the best scoring). layer: a module name, default
+    as `target_layer` chooses. multi_label: probabilities are each class's sigmoid (a map
+    explains the logit of one class either way).
     """
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -215,7 +220,7 @@ def compute_cam(
     name, module, reshape = target_layer(model, layer, images.shape[-2:])
     device = next(model.parameters()).device
     images = images.to(device)
-    probs = _forward_checked(model, images, name, module, reshape).cpu()
+    probs = _forward_checked(model, images, name, module, reshape, multi_label).cpu()
     if targets is None:
         targets = probs.argmax(-1).tolist()
     if len(targets) != len(images):
@@ -283,7 +288,13 @@ def validation_samples(dataset, indices):
     samples = [dataset[i] for i in indices]
     inputs = torch.stack([s[0] for s in samples])
     names = [f"val_{i:05d}" for i in indices]
-    return inputs, [int(s[1]) for s in samples], names, [to_picture(x) for x in inputs]
+    # a label: a class index, or (multi-label data) the indices of the classes present
+    labels = [s[1].nonzero().flatten().tolist() if _multi_hot(s[1]) else int(s[1]) for s in samples]
+    return inputs, labels, names, [to_picture(x) for x in inputs]
+
+
+def _multi_hot(label) -> bool:
+    return isinstance(label, torch.Tensor) and label.ndim == 1
 
 
 def file_samples(trained, files: list[Path], names: list[str]):
@@ -408,6 +419,7 @@ def cam_run(
     methods = list(METHODS) if grid else [_method(method)]
     trained = load(run, use_ema, model, model_weights, model_pretrained)
     model, classes = trained.model, trained.classes
+    multi = bool(trained.info.get("multi_label", False))  # sigmoid scores, several labels
     if images is None and "pretrained" in trained.info:
         raise ValueError(
             f"model={trained.model_name!r} has no run, so no validation split: give images=<file or folder>"
@@ -453,16 +465,26 @@ def cam_run(
         layer_name, module, _ = target_layer(model, layer, inputs.shape[-2:])
         cams = {}
         for m in methods:
-            cams[m], probs = compute_cam(model, inputs, m, layer, targets, aug_smooth, eigen_smooth)
+            smooth = (aug_smooth, eigen_smooth)
+            cams[m], probs = compute_cam(model, inputs, m, layer, targets, *smooth, multi)
         for i, name in enumerate(chunk_names):
             pred = int(probs[i].argmax())
             shown = pred if explained is None else explained
             title = f"pred {classes[pred]} ({float(probs[i][pred]):.2f})"
-            title += f", true {classes[labels[i]]}" if labels[i] is not None else ""
+            if multi:  # every label at a sigmoid score of 0.5 or more
+                title = "pred " + _names(torch.nonzero(probs[i] >= 0.5).flatten().tolist(), classes)
+            if isinstance(labels[i], list):
+                title += f", true {_names(labels[i], classes)}"
+            elif labels[i] is not None:
+                title += f", true {classes[labels[i]]}"
             title += f"\nCAM of {classes[shown]} at {layer_name} ({type(module).__name__})"
             maps = {m: cams[m][i] for m in methods}
             written.append(_figure(pictures[i], maps, title, out / f"{name}_{suffix}.png"))
     return written
+
+
+def _names(indices: list[int], classes: list[str]) -> str:
+    return "{" + ", ".join(classes[c] for c in indices) + "}"
 
 
 def layer_table(model: nn.Module, input_size) -> list[tuple[str, str, str, bool]]:

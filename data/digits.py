@@ -67,3 +67,67 @@ def _tensor_splits(images, labels, classes, image_size, val_fraction, split_seed
         preprocess=small_image_preprocess(image_size, (float(mean),), (float(std),), "bilinear"),
         tensors=tensors,
     )
+
+
+def digits_multilabel(
+    image_size: int = 32,
+    train_images: int = 3000,
+    val_images: int = 600,
+    empty_cell: float = 0.25,
+    split_seed: int = 0,
+    mosaic_seed: int = 0,
+) -> Splits:
+    """2 x 2 mosaics of the bundled digits; an image's labels are the digits it shows (multi-hot).
+
+    The 1,797 digit images are split first (stratified, 20% to val, by `split_seed`), so no
+    validation mosaic shows a digit image that a training mosaic shows. Each cell of a mosaic
+    holds a random digit image of its split, or stays black with probability `empty_cell` (at
+    least one cell holds a digit): 1 to 4 labels an image. Everything follows from the seeds.
+    """
+    from data.multilabel import MultiLabelTensors
+
+    bunch = load_digits()
+    cells = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 0..16 -> 0..1
+    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+    classes = [str(name) for name in bunch.target_names]
+    train_idx, val_idx = stratified_split(labels.tolist(), 0.2, split_seed, classes)
+    generator = torch.Generator().manual_seed(mosaic_seed)
+    made = [
+        _mosaics(cells[idx], labels[idx], count, empty_cell, generator, len(classes))
+        for idx, count in (
+            (torch.as_tensor(train_idx), train_images),
+            (torch.as_tensor(val_idx), val_images),
+        )
+    ]
+    (train, train_targets), (val, val_targets) = made
+    if image_size != train.shape[-1]:
+        train, val = (
+            F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+            for x in (train, val)
+        )
+    mean, std = train.mean(), train.std()
+    return Splits(
+        train=MultiLabelTensors((train - mean) / std, train_targets, classes),
+        val=MultiLabelTensors((val - mean) / std, val_targets, classes),
+        classes=classes,
+        in_chans=1,
+        preprocess=small_image_preprocess(image_size, (float(mean),), (float(std),), "bilinear"),
+    )
+
+
+def _mosaics(cells, labels, count: int, empty: float, generator, num_classes: int):
+    """`count` 2 x 2 mosaics of `cells` (N, 1, 8, 8): (count, 1, 16, 16) images and multi-hot."""
+    if count < 1:
+        raise ValueError(f"data.dataset: {count} mosaics asked for; give 1 or more")
+    if not 0 <= empty < 1:
+        raise ValueError(f"data.dataset.empty_cell={empty} must be in [0, 1)")
+    pick = torch.randint(len(cells), (count, 4), generator=generator)
+    filled = torch.rand(count, 4, generator=generator) >= empty
+    filled[torch.arange(count), torch.randint(4, (count,), generator=generator)] = True
+    tiles = cells[pick] * filled[..., None, None, None]  # (count, 4, 1, 8, 8)
+    top = torch.cat([tiles[:, 0], tiles[:, 1]], dim=-1)
+    bottom = torch.cat([tiles[:, 2], tiles[:, 3]], dim=-1)
+    targets = torch.zeros(count, num_classes, dtype=torch.uint8)
+    rows = torch.arange(count)[:, None].expand(-1, 4)
+    targets[rows[filled], labels[pick][filled]] = 1
+    return torch.cat([top, bottom], dim=-2), targets

@@ -21,6 +21,7 @@ from torch import nn
 from data import Splits
 from data.kfold import kfold
 from data.loaders import eval_loader, make_loaders
+from data.multilabel import is_multi_label
 from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint, checks, distributed, errors
 from engine.checkpoint import CheckpointSaver, NullSaver
@@ -251,8 +252,7 @@ class Training:
     def saver(self, logger):
         """The checkpoint saver, which stores the logger's W&B run id for resuming."""
         if self.run_dir is None:
-            best = {k: self.cfg.checkpoint[k] for k in ("best_metric", "best_mode")}
-            return NullSaver(Path("checkpoints"), **best)
+            return NullSaver(Path("checkpoints"), **best_choice(self.cfg, self.splits))
         return build_saver(self.cfg, self.run_dir, self.splits, logger.run_id)
 
     def fit(self, logger, saver, **trainer) -> dict:
@@ -288,12 +288,18 @@ def training(
     upgrade_config(cfg)  # a config not yet upgraded (tools, tests): old loss/mixup keys moved
     seed_everything(cfg.seed)
     splits, train_loader, val_loader = data or build_data(cfg)
+    # before the model: a softmax loss on multi-label data fails here, naming loss=bce
+    objective = build_objective(
+        cfg,
+        splits.train,
+        num_classes=len(splits.classes),
+        batch_size=cfg.data.batch_size,
+        multi_label=is_multi_label(splits.train),
+    )
+    best_choice(cfg, splits, say=True)  # a metric this data reports, before anything is built
     model = build_model(cfg, splits).to(resolve_device(cfg.trainer.device))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch(cfg, train_loader))
-    objective = build_objective(
-        cfg, splits.train, num_classes=len(splits.classes), batch_size=cfg.data.batch_size
-    )
     log.info(objective.describe())
     parts = (splits, model, train_loader, val_loader, optimizer, scheduler, objective)
     return Training(cfg, run_dir, resume, *parts)
@@ -444,9 +450,8 @@ def build_logger(
 
 
 def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) -> CheckpointSaver:
+    best = best_choice(cfg, splits)
     if not distributed.is_main():  # rank 0 writes the checkpoints; every process chooses best
-        metric, mode = cfg.checkpoint.get("best_metric"), cfg.checkpoint.get("best_mode")
-        best = {"best_metric": metric or "val/acc1", "best_mode": mode or "max"}  # older configs
         return NullSaver(run_dir / "checkpoints", **best)
     # what predict, serve and export need besides the weights: nothing else is read
     metadata = {
@@ -455,8 +460,29 @@ def build_saver(cfg: DictConfig, run_dir: Path, splits: Splits, wandb_run_id) ->
         "in_chans": splits.in_chans,
         "preprocess": _plain_preprocess(splits.preprocess),
         "wandb_run_id": wandb_run_id,
+        "multi_label": is_multi_label(splits.train),  # predict / serve / export: sigmoid scores
     }
-    return CheckpointSaver(run_dir / "checkpoints", **cfg.checkpoint, metadata=metadata)
+    saver = {**cfg.checkpoint, **best}
+    return CheckpointSaver(run_dir / "checkpoints", **saver, metadata=metadata)
+
+
+def best_choice(cfg: DictConfig, splits: Splits, say: bool = False) -> dict:
+    """checkpoint.best_metric and best_mode for this data. Multi-label data reports no top-1
+    or top-5 (engine/multilabel.py): there val/acc1 and val/acc5, the default, mean val/mAP (max),
+    said in the log when `say`; a multi-label metric on single-label data fails, naming the fix."""
+    metric = cfg.checkpoint.get("best_metric") or "val/acc1"  # older configs have none
+    mode = cfg.checkpoint.get("best_mode") or "max"
+    if is_multi_label(splits.train) and metric in ("val/acc1", "val/acc5"):
+        if say:
+            log.info("multi-label data: best.pt follows val/mAP (max), not %s", metric)
+        metric, mode = "val/mAP", "max"
+    elif not is_multi_label(splits.train) and metric in checkpoint.MULTILABEL_METRICS:
+        raise ValueError(
+            f"checkpoint.best_metric={metric} is a multi-label metric, and "
+            f"{cfg.data.dataset._target_} has one label per image; choose one of "
+            "val/acc1, val/acc5, val/loss"
+        )
+    return {"best_metric": metric, "best_mode": mode}
 
 
 def _plain_preprocess(preprocess: dict | None) -> dict | None:

