@@ -218,7 +218,7 @@ def remove_temporary_files(folder: Path) -> list[Path]:
 
 # checkpoint.best_metric: what evaluate() reports, under val/ (the model's or its EMA's, whichever
 # is better); checkpoint.best_mode: whether higher (max) or lower (min) is better
-BEST_METRICS = ("val/acc1", "val/acc5", "val/loss")
+BEST_METRICS = ("val/acc1", "val/acc5", "val/loss", "val/macro_f1", "val/balanced_acc")
 BEST_MODES = ("max", "min")
 
 

@@ -30,6 +30,8 @@ ALLOWED_TARGETS = (
     "data.cifar.cifar100",
     "data.digits.digits",
     "data.digits.mnist5k",
+    "data.digits.digits_longtail",
+    "data.openmmlab_json.openmmlab_json",
     "data.folders.imagefolder",
     "data.folders.imagenet",
     "data.mnist.fashion_mnist",

@@ -30,7 +30,7 @@ from engine.console import progress_bar
 from engine.device import PRECISIONS, amp_dtype, autocast, memory_format, resolve_device
 from engine.guard import Guard
 from engine.logger import RunLogger
-from engine.metrics import correct_topk
+from engine.metrics import add_confusion, class_balanced_metrics, correct_topk
 from engine.objective import Objective
 from engine.rng import seed_everything
 from engine.schedules import base_lr
@@ -217,6 +217,7 @@ def evaluate(
     layout = memory_format(channels_last)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
+    confusion = None  # (C, C), summed on the device; single-label targets
     seen = 0
     for images, targets in islice(loader, num_batches):
         images = images.to(device, non_blocking=True, memory_format=layout)
@@ -228,6 +229,7 @@ def evaluate(
         loss_sum += criterion(logits.float(), targets) * targets.shape[0]
         num_classes = logits.shape[1]
         correct += correct_topk(logits, targets, (1, min(5, num_classes)))
+        confusion = add_confusion(confusion, logits, targets)
         seen += targets.shape[0]
         if progress:
             progress.advance(task)
@@ -236,10 +238,13 @@ def evaluate(
     if progress:
         progress.remove_task(task)
     seen = torch.tensor([seen], dtype=loss_sum.dtype, device=device)
-    totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
+    flat = [] if confusion is None else [confusion.view(-1).to(loss_sum.dtype)]
+    totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen, *flat]))
     loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
     acc1, acc5 = (correct / seen * 100).tolist()
-    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}
+    balanced = {} if confusion is None else class_balanced_metrics(totals[4:].view_as(confusion))
+    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, **balanced,
+            "images": int(seen)}  # fmt: skip
 
 
 @dataclass(frozen=True)

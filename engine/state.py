@@ -169,7 +169,7 @@ class TrainingState:
         if not (value > before if mode == "max" else value < before):
             return False
         self.best = {
-            **{f"val/{k}": top[k] for k in ("acc1", "acc5", "loss")},
+            **{f"val/{k}": v for k, v in top.items()},  # acc1, acc5, loss, macro_f1, ...
             "epoch": self.epoch,
             "source": source,
             "metric": metric,
