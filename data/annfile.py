@@ -62,16 +62,27 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
 
     Every path must lead to a file inside `root`, through symbolic links too (see the module).
     """
-    real_root = os.path.realpath(root)
-    inside = os.path.join(real_root, "")  # what a path inside starts with (trailing separator)
-    real_folders: dict[str, str] = {}  # one realpath per folder, not per file: ImageNet has 1.3M
-    samples, missing = [], []
+    entries = []
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         where = f"{path}, line {number} ({line!r})"
-        relative, label = _parse_line(line, where, len(classes))
+        entries.append((where, *_parse_line(line, where, len(classes))))
+    if not entries:
+        raise ValueError(f"{path} lists no images; expected '<relative/path.jpg> <label>' lines")
+    return confined_samples(entries, path, root)
+
+
+def confined_samples(entries, path: Path, root: Path) -> list[tuple[str, object]]:
+    """(image path under `root`, label) of (where, relative path, label) entries read from
+    annotation file `path`: a path that leaves `root` (see the module) is an error naming its
+    `where`, missing files one error listing them."""
+    real_root = os.path.realpath(root)
+    inside = os.path.join(real_root, "")  # what a path inside starts with (trailing separator)
+    real_folders: dict[str, str] = {}  # one realpath per folder, not per file: ImageNet has 1.3M
+    samples, missing = [], []
+    for where, relative, label in entries:
         normal = os.path.normpath(relative)
         if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
             raise ValueError(
@@ -99,8 +110,6 @@ def read_annotations(path: Path, root: Path, classes: list[str]) -> list[tuple[s
             f"{path} lists {len(missing)} images that do not exist: {shown}. Check "
             "data.dataset.root, which the paths are relative to"
         )
-    if not samples:
-        raise ValueError(f"{path} lists no images; expected '<relative/path.jpg> <label>' lines")
     return samples
 
 

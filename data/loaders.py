@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
+from data.balance import SAMPLERS, balanced_sampler
 from data.device_loader import DeviceLoader, device_loaders
 from data.splits import Splits
 
@@ -23,6 +24,8 @@ def make_loaders(
     on_device: bool = False,
     device_augment: Mapping | None = None,
     device: str | torch.device = "cpu",
+    sampler: str = "random",
+    train_labels: torch.Tensor | None = None,
 ) -> tuple[DataLoader | DeviceLoader, DataLoader | DeviceLoader]:
     """Train loader (shuffled, last partial batch dropped) and val loader (in order).
 
@@ -38,6 +41,10 @@ def make_loaders(
     training device), batches cut, augmented and normalised there (data/device_loader.py);
     num_workers and pin_memory do not apply. device_augment: its training augmentation,
     {pad, flip}; None or a key left out: the dataset's own.
+
+    sampler: `random` (each image once per epoch) or `balanced` (class-balanced draws with
+    replacement, data/balance.py; needs `train_labels`, the training split's labels). The
+    processes share one draw and resume mid-epoch as with `random`.
     """
     if batch_size < 1:
         raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
@@ -46,6 +53,7 @@ def make_loaders(
             f"data.batch_size={batch_size} x {num_replicas} processes is larger than the "
             f"training set ({len(splits.train)} images); lower data.batch_size"
         )
+    _check_sampler(sampler, train_labels, on_device)
     if on_device:
         shard = {"num_replicas": num_replicas, "rank": rank}
         return device_loaders(splits, batch_size, device, device_augment, eval_batch_size, **shard)
@@ -54,21 +62,49 @@ def make_loaders(
             f"data.device_augment={dict(device_augment)} is the augmentation of "
             "data.on_device=true; turn that on, or set data.device_augment=null"
         )
-    train = _train_loader(splits.train, batch_size, num_workers, pin_memory, num_replicas, rank)
+    draw = (sampler, train_labels, len(splits.classes))
+    train = _train_loader(
+        splits.train, batch_size, num_workers, pin_memory, num_replicas, rank, draw
+    )
     val = eval_loader(
         splits.val, batch_size, num_workers, pin_memory, eval_batch_size, num_replicas, rank
     )
     return train, val
 
 
+def _check_sampler(sampler: str, train_labels, on_device: bool) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler={sampler!r} must be one of {', '.join(SAMPLERS)}")
+    if sampler == "balanced" and on_device:
+        raise ValueError(
+            "data.sampler=balanced draws through the regular loader; set data.on_device=false "
+            "or data.sampler=random"
+        )
+    if sampler == "balanced" and train_labels is None:
+        raise ValueError(
+            "data.sampler=balanced needs the training split's labels (a dataset with a "
+            "`targets` attribute); use data.sampler=random or loss.class_weight instead"
+        )
+
+
 def _train_loader(
-    dataset, batch_size: int, num_workers: int, pin_memory: bool, num_replicas: int, rank: int
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    num_replicas: int,
+    rank: int,
+    draw: tuple = ("random", None, 0),
 ) -> DataLoader:
     """Shuffled by its own generator (`seed_epoch`), last partial batch dropped, this rank's
-    share of the one order when data-parallel."""
+    share of the one order when data-parallel. `draw`: (data.sampler, train labels, classes)."""
     common = _worker_kwargs(num_workers, pin_memory)
     generator = torch.Generator()
-    sampler = RandomSampler(dataset, generator=generator)
+    kind, labels, num_classes = draw
+    if kind == "balanced":
+        sampler = balanced_sampler(labels, num_classes, generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
     if num_replicas > 1:
         sampler = ShardSampler(sampler, num_replicas, rank, drop_last=True)
         if rank > 0:

@@ -26,6 +26,7 @@ from data.transforms import image_transforms, photo_preprocess
 from engine import checkpoint, checks, distributed, errors
 from engine.checkpoint import CheckpointSaver, NullSaver
 from engine.device import resolve_device
+from engine.imbalance import log_distribution_chart, report_distribution
 from engine.logger import NullLogger, RunLogger
 from engine.objective import Objective, build_objective, upgrade_legacy_keys
 from engine.rng import seed_everything
@@ -259,6 +260,8 @@ class Training:
         """engine.loop.fit of these objects with cfg.trainer's keys (`trainer` overrides some)."""
         from engine.loop import fit
 
+        if self.resume is None:
+            log_distribution_chart(logger, self.splits)
         return fit(
             self.model,
             self.train_loader,
@@ -312,6 +315,7 @@ def build_data(cfg: DictConfig) -> tuple[Splits, object, object]:
     kwargs = _loader_kwargs(cfg, training=True)
     if kwargs.get("on_device"):
         kwargs["device"] = resolve_device(cfg.trainer.device)  # where the model trains
+    kwargs["train_labels"] = report_distribution(splits)
     train_loader, val_loader = make_loaders(splits, **kwargs, **shard)
     return splits, train_loader, val_loader
 
@@ -341,7 +345,7 @@ def _loader_kwargs(cfg: DictConfig, training: bool = False) -> dict:
     data.device_augment are for training runs: evaluation reads the regular way)."""
     not_loader = ("dataset", "transform", "fold", "num_folds", "fold_seed")
     if not training:
-        not_loader += ("on_device", "device_augment")
+        not_loader += ("on_device", "device_augment", "sampler")
     return {
         k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
         for k, v in cfg.data.items()

@@ -220,7 +220,14 @@ def remove_temporary_files(folder: Path) -> list[Path]:
 # is better); checkpoint.best_mode: whether higher (max) or lower (min) is better
 # multi-label data (engine/multilabel.py) reports these instead of top-1 and top-5
 MULTILABEL_METRICS = tuple(f"val/{k}" for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"))
-BEST_METRICS = ("val/acc1", "val/acc5", "val/loss", *MULTILABEL_METRICS)
+BEST_METRICS = (
+    "val/acc1",
+    "val/acc5",
+    "val/loss",
+    "val/macro_f1",
+    "val/balanced_acc",
+    *MULTILABEL_METRICS,
+)
 BEST_MODES = ("max", "min")
 
 

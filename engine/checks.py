@@ -31,6 +31,8 @@ ALLOWED_TARGETS = (
     "data.digits.digits",
     "data.digits.digits_multilabel",
     "data.digits.mnist5k",
+    "data.digits.digits_longtail",
+    "data.openmmlab_json.openmmlab_json",
     "data.folders.imagefolder",
     "data.folders.imagenet",
     "data.mnist.fashion_mnist",

