@@ -161,7 +161,8 @@ def load_trained(ckpt: str | Path | None = None, use_ema: bool = False) -> Train
             f"{str(source)!r} records no preprocessing (a checkpoint from before it was stored); "
             "evaluate it with task=eval, which rebuilds the dataset from its config"
         )
-    info = {k: ckpt.get(k) for k in ("epoch", "step", "best", "metrics", "wandb_run_id")}
+    saved = ("epoch", "step", "best", "metrics", "wandb_run_id", "temperature")
+    info = {k: ckpt.get(k) for k in saved}
     return _build(
         ckpt["config"],
         ckpt["class_names"],
@@ -240,8 +241,19 @@ def image_files(inputs: str | Path) -> list[Path]:
 class Classifier:
     """Top-k predictions of a trained model on image files, PIL images or tensors."""
 
-    def __init__(self, trained: Trained, device: str | torch.device = "cpu", topk: int = 5):
+    def __init__(
+        self,
+        trained: Trained,
+        device: str | torch.device = "cpu",
+        topk: int = 5,
+        min_score: float | None = None,
+    ):
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise ValueError(f"min_score={min_score} must be a probability in [0, 1] or null")
         self.trained = trained
+        self.min_score = min_score
+        # task=calibrate's temperature scaling (1: none, or a checkpoint from before it)
+        self.temperature = float(trained.info.get("temperature") or 1.0)
         self.device = torch.device(device)
         self.model = trained.model.to(self.device).eval()
         self.classes = trained.classes
@@ -255,9 +267,11 @@ class Classifier:
         use_ema: bool = False,
         device: str | torch.device = "cpu",
         topk: int = 5,
+        min_score: float | None = None,
     ) -> "Classifier":
         """From a run folder, checkpoint or exported .safetensors (None: the newest run)."""
-        return cls(load_trained(ckpt, use_ema=use_ema), device=device, topk=topk)
+        trained = load_trained(ckpt, use_ema=use_ema)
+        return cls(trained, device=device, topk=topk, min_score=min_score)
 
     @classmethod
     def from_model(
@@ -306,19 +320,25 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes of a preprocessed (N, C, H, W) batch, on the CPU, float32."""
-        return self.model(batch.to(self.device)).float().softmax(-1).cpu()
+        """Softmax over the classes of a preprocessed (N, C, H, W) batch, on the CPU, float32,
+        of the logits divided by the checkpoint's temperature (task=calibrate)."""
+        logits = self.model(batch.to(self.device)).float() / self.temperature
+        return logits.softmax(-1).cpu()
 
     def top(self, probs: torch.Tensor, topk: int | None = None) -> list[list[dict]]:
         k = min(topk or self.topk, len(self.classes))
         scores, indices = probs.topk(k, dim=-1)
-        return [
+        tops = [
             [
                 {"label": self.classes[i], "score": float(s), "index": int(i)}
                 for s, i in zip(row_scores.tolist(), row_indices.tolist(), strict=True)
             ]
             for row_scores, row_indices in zip(scores, indices, strict=True)
         ]
+        if self.min_score is not None:  # the best label is flagged: below min_score, abstain
+            for top in tops:
+                top[0]["abstain"] = top[0]["score"] < self.min_score
+        return tops
 
     def predict(self, images: Sequence, topk: int | None = None, batch_size: int = 32):
         """Top-k lists of several images (paths, PIL images or tensors), in order."""
