@@ -17,8 +17,9 @@ from sklearn.metrics import (
 from analysis.eval_metric import eval_metric
 from analysis.eval_metric import main as eval_metric_main
 from engine.calibration import brier, classification_metrics, ece, softmax
-from engine.evaluate import load_logits
-from engine.predict import Classifier
+from engine.evaluate import load_logits, tta_views
+from engine.export import sidecar
+from engine.predict import Classifier, load_trained
 
 
 def test_every_metric_matches_scikit_learn():
@@ -99,3 +100,12 @@ def test_calibrate_stores_a_temperature_that_lowers_ece(tiny_run, run_task, tmp_
     (top, *_) = after(image)
     assert top["abstain"] == (top["score"] < 0.99)
     assert "abstain" not in before(image)[0]
+    assert sidecar(load_trained(run))["temperature"] == pytest.approx(temperature)
+
+
+def test_tta_views_keep_the_input_shape():
+    images = torch.rand(2, 3, 16, 16)
+    flip, crops = tta_views(images, "flip"), tta_views(images, "crops")
+    assert len(flip) == 2 and torch.equal(flip[1].flip(-1), images)
+    assert len(crops) == 6 and all(v.shape == images.shape for v in crops)
+    assert not torch.equal(crops[1], crops[2])  # different corners
