@@ -62,10 +62,11 @@ def evaluate(cfg: DictConfig) -> float:
     from engine.checks import check_config
     from engine.console import print_summary
     from engine.device import resolve_device
-    from engine.evaluate import evaluate_model, gather_shares, write_results
+    from engine.evaluate import check_tta, evaluate_model, gather_shares, write_results
     from engine.runinfo import write_run_info
 
     check_config(cfg)
+    check_tta(cfg.task.tta, cfg.task.topk_metrics)
     distributed.check_started()
     task = cfg.task
     trained = build.trained_for_task(cfg)  # task.ckpt's run, or model.weights / pretrained
@@ -82,6 +83,8 @@ def evaluate(cfg: DictConfig) -> float:
         trained.classes,
         topk=task.topk,
         progress=distributed.is_main(),
+        tta=task.tta,
+        topk_metrics=tuple(task.topk_metrics),
     )
     results = gather_shares(share)
     if results is None:  # not process 0: wait for its files, finish the job together
@@ -128,8 +131,8 @@ def predict(cfg: DictConfig) -> None:
     check_config(cfg)
     task = cfg.task
     threshold = task.get("threshold", 0.5)  # multi-label models: labels at or above it
-    trained = build.trained_for_task(cfg)
-    classifier = Classifier(trained, device=resolve_device(task.device), threshold=threshold)
+    trained, device = build.trained_for_task(cfg), resolve_device(task.device)
+    classifier = Classifier(trained, device=device, threshold=threshold, min_score=task.min_score)
     files = image_files(task.inputs)
     results = classifier.predict(files, topk=task.topk, batch_size=task.batch_size)
     out = task.out or f"{HydraConfig.get().runtime.output_dir}/predictions.json"
@@ -166,8 +169,8 @@ def serve(cfg: DictConfig) -> None:
     check_config(cfg)
     task = cfg.task
     threshold = task.get("threshold", 0.5)  # multi-label models: labels at or above it
-    trained = build.trained_for_task(cfg)
-    classifier = Classifier(trained, device=resolve_device(task.device), threshold=threshold)
+    trained, device = build.trained_for_task(cfg), resolve_device(task.device)
+    classifier = Classifier(trained, device=device, threshold=threshold, min_score=task.min_score)
     limits = ("topk", "max_bytes", "max_pixels", "max_decodes", "decode_wait_s")
     serve_http(classifier, host=task.host, port=task.port, **{k: task[k] for k in limits})
     # The server has stopped cleanly. Leave without the interpreter's teardown: handler threads
@@ -179,7 +182,36 @@ def serve(cfg: DictConfig) -> None:
     os._exit(0)
 
 
-TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "serve": serve}
+def calibrate(cfg: DictConfig) -> float:
+    """Temperature scaling fitted on task.split (conf/task/calibrate.yaml); returns T."""
+    from engine import build, distributed
+    from engine.calibration import calibrate as fit_and_store
+    from engine.checks import check_config
+    from engine.console import print_summary
+    from engine.device import resolve_device
+    from engine.evaluate import evaluate_model
+
+    distributed.require_one_process("calibrate")
+    check_config(cfg)
+    task = cfg.task
+    trained = build.trained_for_task(cfg)
+    run_cfg, run_dir = build.config_for_trained(cfg, trained.config, "pretrained" in trained.info)
+    _, loader = build.build_eval_data(run_cfg, trained.classes, task.split)
+    model = trained.model.to(resolve_device(run_cfg.trainer.device))
+    evaluation = evaluate_model(model, loader, trained.classes)
+    summary = fit_and_store(evaluation.logits, evaluation.targets, trained.source, run_dir)
+    print_summary(f"calibrated {trained.source} on {task.split}", summary)
+    return summary["temperature"]
+
+
+TASKS = {
+    "train": train,
+    "eval": evaluate,
+    "predict": predict,
+    "export": export,
+    "serve": serve,
+    "calibrate": calibrate,
+}
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))

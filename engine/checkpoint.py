@@ -144,6 +144,14 @@ def verify(ckpt: dict, path: str | Path) -> dict:
     return ckpt
 
 
+def set_temperature(path: str | Path, temperature: float) -> None:
+    """Store task=calibrate's temperature in checkpoint `path` (rewritten atomically, checksum
+    updated); readers of files without one use 1 (engine.predict.Classifier)."""
+    ckpt = load(path)
+    ckpt["temperature"] = float(temperature)
+    atomic_save({**ckpt, "checksum": content_digest(ckpt)}, Path(path))
+
+
 def checkpoint_name(epoch: int, batches: int | None = None) -> str:
     """epoch_0007.pt after 7 epochs; epoch_0007_batch_000400.pt 400 batches into the 8th."""
     return (

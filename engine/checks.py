@@ -477,6 +477,8 @@ VALUES = {
     "task.max_bytes": _whole(1, 20000000),
     "task.atol": _number(0, example=1e-4, open_low=True),
     "task.check_images": _whole(0, 8),
+    "task.tta": _choice(("none", "flip", "crops"), "flip"),
+    "task.min_score": _number(**PROBABILITY, example=0.5, none_ok=True),
 }
 DEVICE_KEYS = ("trainer.device", "task.device")
 _ABSENT = object()

@@ -53,7 +53,8 @@ CHECK_SEED = 0
 # protobuf caps a file at 2 GiB; a larger model's ONNX graph keeps its weights in model.onnx.data
 ONE_FILE_MAX_BYTES = 1800 * 2**20
 # trained.info entries copied into the sidecar when present: where the weights came from
-PROVENANCE = ("epoch", "step", "best", "metrics", "wandb_run_id")
+# temperature: task=calibrate's; softmax(logits / temperature) gives the calibrated scores
+PROVENANCE = ("epoch", "step", "best", "metrics", "wandb_run_id", "temperature")
 # and always: whether the scores are sigmoids (a multi-label model) or a softmax
 
 
@@ -320,6 +321,7 @@ def _onnx_metadata(trained: Trained) -> dict[str, str]:
         "weights": str(trained.info.get("weights", "model")),
         "source": str(trained.source),
         "multi_label": json.dumps(bool(trained.info.get("multi_label", False))),
+        "temperature": str(trained.info.get("temperature") or 1.0),
     }
 
 

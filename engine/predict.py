@@ -166,7 +166,8 @@ def load_trained(ckpt: str | Path | None = None, use_ema: bool = False) -> Train
             f"{str(source)!r} records no preprocessing (a checkpoint from before it was stored); "
             "evaluate it with task=eval, which rebuilds the dataset from its config"
         )
-    info = {k: ckpt.get(k) for k in ("epoch", "step", "best", "metrics", "wandb_run_id")}
+    saved = ("epoch", "step", "best", "metrics", "wandb_run_id", "temperature")
+    info = {k: ckpt.get(k) for k in saved}
     info["multi_label"] = bool(ckpt.get("multi_label", False))  # sigmoid scores, not softmax
     return _build(
         ckpt["config"],
@@ -253,8 +254,14 @@ class Classifier:
         device: str | torch.device = "cpu",
         topk: int = 5,
         threshold: float = 0.5,
+        min_score: float | None = None,
     ):
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise ValueError(f"min_score={min_score} must be a probability in [0, 1] or null")
         self.trained = trained
+        self.min_score = min_score
+        # task=calibrate's temperature scaling (1: none, or a checkpoint from before it)
+        self.temperature = float(trained.info.get("temperature") or 1.0)
         self.device = torch.device(device)
         self.model = trained.model.to(self.device).eval()
         self.classes = trained.classes
@@ -272,10 +279,11 @@ class Classifier:
         device: str | torch.device = "cpu",
         topk: int = 5,
         threshold: float = 0.5,
+        min_score: float | None = None,
     ) -> "Classifier":
         """From a run folder, checkpoint or exported .safetensors (None: the newest run)."""
         trained = load_trained(ckpt, use_ema=use_ema)
-        return cls(trained, device=device, topk=topk, threshold=threshold)
+        return cls(trained, device=device, topk=topk, threshold=threshold, min_score=min_score)
 
     @classmethod
     def from_model(
@@ -325,8 +333,9 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes (a multi-label model: the sigmoid of each class) of a
-        preprocessed (N, C, H, W) batch, on the CPU, float32."""
-        logits = self.model(batch.to(self.device)).float()
+        preprocessed (N, C, H, W) batch, on the CPU, float32, of the logits divided by the
+        checkpoint's temperature (task=calibrate)."""
+        logits = self.model(batch.to(self.device)).float() / self.temperature
         return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
 
     def top(self, probs: torch.Tensor, topk: int | None = None) -> list[list[dict]]:
@@ -338,6 +347,9 @@ class Classifier:
             scores, indices = row.topk(max(k, above))
             pairs = zip(scores.tolist(), indices.tolist(), strict=True)
             rows.append([self._entry(score, index) for score, index in pairs])
+        if self.min_score is not None:  # the best label is flagged: below min_score, abstain
+            for top in rows:
+                top[0]["abstain"] = top[0]["score"] < self.min_score
         return rows
 
     def _entry(self, score: float, index: int) -> dict:

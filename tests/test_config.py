@@ -46,6 +46,7 @@ def _task_functions():
         ),
         "export": lambda: (*common, export.export, build.validation_images),
         "serve": lambda: (*common, serve.serve),
+        "calibrate": lambda: (*common, build.build_eval_data),
     }
 
 

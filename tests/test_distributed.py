@@ -321,7 +321,7 @@ def test_eval_under_torchrun_scores_the_whole_split_as_one_process_does(runs, tm
     assert len(wandb_runs(tmp_path / "two")) == 1, "process 0 alone logs the evaluation"
 
 
-@pytest.mark.parametrize("task", ["predict", "export", "serve"])
+@pytest.mark.parametrize("task", ["predict", "export", "serve", "calibrate"])
 def test_one_process_tasks_refuse_to_run_under_torchrun(task, run_task, tiny_run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
     with pytest.raises(RuntimeError, match=f"task={task} runs in one process, but 2 were"):
