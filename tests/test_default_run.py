@@ -119,8 +119,10 @@ def test_wandb_run_records_config_metrics_and_best_checkpoint(default_run):
     assert final_summary["model/params_m"] == pytest.approx(11.17, abs=0.01)
     assert 0.1 < final_summary["model/gmacs"] < 0.15  # 56 x 56 digits: 0.124
 
-    (artifact,) = records_of(records, "artifact")
-    assert artifact["type"] == "model"
+    artifacts = records_of(records, "artifact")
+    # the model, and the table behind the class-count bar chart (engine/imbalance.py)
+    (artifact,) = [a for a in artifacts if a["type"] == "model"]
+    assert any(a["type"] == "run_table" for a in artifacts), [a["type"] for a in artifacts]
     assert [c["path"] for c in artifact["manifest"]["contents"]] == ["best.pt"]
     assert records_of(records, "exit")[0]["exit_code"] == 0
     assert records_of(records, "stats"), "system metrics are recorded"
