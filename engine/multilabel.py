@@ -17,6 +17,7 @@ among the image's `topk` highest scores (default 3): CP_top3 ... OF1_top3.
 import csv
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,22 +32,17 @@ TOPK = 3
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(C,) average precision of each class, in 0..1 (see the module docstring)."""
-    scores, targets = scores.double(), (targets > 0).double()
-    order = scores.argsort(dim=0, descending=True)
-    scores, targets = scores.gather(0, order), targets.gather(0, order)
-    true_pos = targets.cumsum(0)
-    ranks = torch.arange(1, len(scores) + 1, dtype=torch.float64, device=scores.device)[:, None]
-    positives = true_pos[-1].clamp(min=1)
-    # the last image of each run of tied scores closes a threshold: only there does P/R count
-    closes = torch.ones_like(scores, dtype=torch.bool)
-    closes[:-1] = scores[1:] != scores[:-1]
-    precision = true_pos / ranks
-    # recall grows at each closing row by the positives since the previous closing row
-    closed = torch.where(closes, true_pos, torch.zeros_like(true_pos))
-    before = torch.cat([torch.zeros_like(closed[:1]), closed[:-1]]).cummax(dim=0).values
-    recall_step = torch.where(closes, true_pos - before, torch.zeros_like(true_pos))
-    return (recall_step * precision).sum(0) / positives
+    """(C,) average precision of each class, in 0..1: scikit-learn's average_precision_score
+    (see the module docstring); a class with no positive image gets 0, without a warning."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import average_precision_score
+
+    truth = (targets > 0).cpu().numpy()
+    with warnings.catch_warnings():  # "no positive class": its AP is 0, as documented above
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="No positive class found")
+        ap = average_precision_score(truth, scores.double().cpu().numpy(), average=None)
+    return torch.as_tensor(ap, dtype=torch.float64).nan_to_num(0.0).reshape(-1)
 
 
 def predicted(scores: torch.Tensor, threshold: float | None = None, topk: int | None = None):
